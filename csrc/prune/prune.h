@@ -1,0 +1,57 @@
+// Attention-score token pruning kernels: the torch-free API shared by the CPU and CUDA backends.
+//
+// context_scores: for each sample b and key j,
+//   scores[b, j] = 1 / (Hq * T_b) * sum_h sum_{i in queries(b)} softmax_{j'}(scale * q[b,h,i] . k[b,h/G,j'])[j]
+// with G = Hq / Hkv (GQA: query head h reads kv head h / G), the softmax over the valid keys
+// (key_mask) and, when causal, only keys j' <= i. A query row with no valid key adds nothing;
+// a sample with no query rows gets all-zero scores; invalid keys get zero.
+// Computed in two tiled passes (row log-sum-exp, then column sums of the probabilities), so
+// neither the T x N nor the N x N matrix is ever materialized.
+//
+// select_tokens: keep[b, j] = key_mask[b, j] && (!context_mask[b, j] || j is among the k best
+// context tokens of sample b), k = n if n < min_keep else max(min_keep, floor(keep_ratio * n)),
+// n = number of valid context tokens. "Best" orders by score descending, then index ascending,
+// so ties are broken towards earlier tokens. Found by a k-th value search, not a sort.
+#pragma once
+#include <cstdint>
+
+namespace lyra {
+
+// Element (b, h, n, d) of q is q[b*q_sb + h*q_sh + n*q_sn + d] (the head dim is contiguous);
+// likewise k. query_index: (B, Tmax) positions of the query rows of each sample, ascending,
+// the first query_count[b] entries valid. key_mask: (B, N). scores: (B, N) output.
+// scalar_t/acc_t: (float, float) or (double, double).
+template <typename scalar_t, typename acc_t>
+void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
+                        const scalar_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
+                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
+                        int64_t dh, bool causal, double scale, acc_t* scores, int num_threads);
+
+// scores, context_mask, key_mask: (B, N); keep: (B, N) output.
+template <typename score_t>
+void select_tokens_cpu(const score_t* scores, const bool* context_mask, const bool* key_mask,
+                       int64_t B, int64_t N, double keep_ratio, int64_t min_keep, bool* keep,
+                       int num_threads);
+
+// CUDA launchers: same contracts, device pointers, `stream` is a cudaStream_t; return a
+// cudaError_t value (0 = ok). q/k element type by `dtype`; scores are float, or double when
+// dtype is kFloat64.
+enum class KernelDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+int context_scores_cuda(KernelDtype dtype, const void* q, int64_t q_sb, int64_t q_sh,
+                        int64_t q_sn, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
+                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
+                        int64_t dh, bool causal, double scale, void* scores,
+                        void* workspace, void* stream);
+
+// Bytes of device workspace context_scores_cuda needs (for the row log-sum-exps).
+int64_t context_scores_cuda_workspace(int64_t B, int64_t Hq, int64_t Tmax);
+
+// scores are float, or double when scores_are_double.
+int select_tokens_cuda(const void* scores, bool scores_are_double, const bool* context_mask,
+                       const bool* key_mask, int64_t B, int64_t N, double keep_ratio,
+                       int64_t min_keep, bool* keep, void* stream);
+
+}  // namespace lyra

@@ -1,0 +1,164 @@
+// Torch glue of lyra::context_scores, lyra::select_tokens and lyra::prune_tokens (schemas in
+// registration.cpp). Compiled into the CPU extension, and with LYRA_CUDA_BUILD into the CUDA
+// extension, where it registers the CUDA implementations instead.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../checks.h"
+#include "prune.h"
+
+#ifdef LYRA_CUDA_BUILD
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace lyra {
+namespace {
+
+void check_mask(const at::Tensor& mask, const char* name, int64_t B, int64_t N,
+                const at::Tensor& ref, const char* ref_name) {
+  check_bool(mask, name);
+  check_dim(mask, 2, name, "(B, N)");
+  check_size(mask, 0, B, name, "batch");
+  check_size(mask, 1, N, name, "tokens");
+  check_same_device(mask, ref, name, ref_name);
+}
+
+// Positions of each sample's query rows, ascending and left-aligned: (B, Tmax), and counts (B).
+std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& query_mask) {
+  const at::Tensor counts = query_mask.sum(1);
+  const int64_t Tmax = query_mask.size(1) == 0 ? 0 : counts.max().item<int64_t>();
+  // A stable sort of "not a query" puts the query positions first, in order.
+  const at::Tensor order = std::get<1>(at::sort(query_mask.logical_not().to(at::kByte),
+                                                std::optional<bool>(true), /*dim=*/1,
+                                                /*descending=*/false));
+  return {order.narrow(1, 0, Tmax).contiguous(), counts.to(at::kLong).contiguous()};
+}
+
+at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
+                          const at::Tensor& query_mask_in, const at::Tensor& key_mask_in,
+                          bool causal, std::optional<double> scale_opt) {
+  check_dim(q_in, 4, "q", "(B, Hq, N, head_dim)");
+  check_dim(k_in, 4, "k", "(B, Hkv, N, head_dim)");
+  check_floating(q_in, "q");
+  TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type(), "k has dtype ", k_in.scalar_type(),
+                   " but q has ", q_in.scalar_type(), "; they must match");
+  check_same_device(k_in, q_in, "k", "q");
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), N = q_in.size(2), dh = q_in.size(3);
+  const int64_t Hkv = k_in.size(1);
+  check_size(k_in, 0, B, "k", "batch");
+  check_size(k_in, 2, N, "k", "tokens");
+  check_size(k_in, 3, dh, "k", "head_dim");
+  TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "the number of query heads (", Hq,
+                    ") must be a multiple of the number of kv heads (", Hkv, ")");
+  TORCH_CHECK_VALUE(dh >= 1, "head_dim must be >= 1");
+  check_mask(query_mask_in, "query_mask", B, N, q_in, "q");
+  check_mask(key_mask_in, "key_mask", B, N, q_in, "q");
+  const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(dh));
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive number, got ",
+                    scale);
+
+  // The head dim must be contiguous; other strides are passed through (no copy of q or k).
+  at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
+  at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor key_mask = key_mask_in.contiguous();
+  auto [index, counts] = query_rows(query_mask_in);
+  const int64_t Tmax = index.size(1);
+  const auto out_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor scores = at::empty({B, N}, q.options().dtype(out_type));
+  if (B * N == 0) return scores;
+
+#ifdef LYRA_CUDA_BUILD
+  const c10::cuda::CUDAGuard guard(q.device());
+  const KernelDtype dtype = q.scalar_type() == at::kFloat    ? KernelDtype::kFloat32
+                            : q.scalar_type() == at::kDouble ? KernelDtype::kFloat64
+                            : q.scalar_type() == at::kHalf   ? KernelDtype::kFloat16
+                                                             : KernelDtype::kBFloat16;
+  at::Tensor workspace =
+      at::empty({context_scores_cuda_workspace(B, Hq, Tmax)}, q.options().dtype(at::kByte));
+  const int err = context_scores_cuda(
+      dtype, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0),
+      k.stride(1), k.stride(2), index.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), Tmax,
+      key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal, scale, scores.data_ptr(),
+      workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "context_scores CUDA kernel failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+#else
+  // Half-precision inputs are upcast here; the CUDA kernel reads them directly.
+  if (out_type != q.scalar_type()) {
+    q = q.to(out_type);
+    k = k.to(out_type);
+  }
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "context_scores", [&] {
+    context_scores_cpu<scalar_t, scalar_t>(
+        q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
+        k.stride(0), k.stride(1), k.stride(2), index.data_ptr<int64_t>(),
+        counts.data_ptr<int64_t>(), Tmax, key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal,
+        scale, scores.data_ptr<scalar_t>(), at::get_num_threads());
+  });
+#endif
+  return scores;
+}
+
+at::Tensor select_tokens(const at::Tensor& scores_in, const at::Tensor& context_mask_in,
+                         const at::Tensor& key_mask_in, double keep_ratio, int64_t min_keep) {
+  check_dim(scores_in, 2, "scores", "(B, N)");
+  TORCH_CHECK_TYPE(scores_in.scalar_type() == at::kFloat || scores_in.scalar_type() == at::kDouble,
+                   "scores must be float32 or float64, got ", scores_in.scalar_type());
+  const int64_t B = scores_in.size(0), N = scores_in.size(1);
+  check_mask(context_mask_in, "context_mask", B, N, scores_in, "scores");
+  check_mask(key_mask_in, "key_mask", B, N, scores_in, "scores");
+  TORCH_CHECK_VALUE(keep_ratio > 0 && keep_ratio <= 1, "keep_ratio must be in (0, 1], got ",
+                    keep_ratio);
+  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+  const at::Tensor scores = scores_in.contiguous();
+  const at::Tensor context_mask = context_mask_in.contiguous();
+  const at::Tensor key_mask = key_mask_in.contiguous();
+  at::Tensor keep = at::empty({B, N}, key_mask.options());
+  if (B * N == 0) return keep;
+#ifdef LYRA_CUDA_BUILD
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const int err = select_tokens_cuda(scores.data_ptr(), scores.scalar_type() == at::kDouble,
+                                     context_mask.data_ptr<bool>(), key_mask.data_ptr<bool>(), B,
+                                     N, keep_ratio, min_keep, keep.data_ptr<bool>(),
+                                     c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "select_tokens CUDA kernel failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+#else
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "select_tokens", [&] {
+    select_tokens_cpu<scalar_t>(scores.data_ptr<scalar_t>(), context_mask.data_ptr<bool>(),
+                                key_mask.data_ptr<bool>(), B, N, keep_ratio, min_keep,
+                                keep.data_ptr<bool>(), at::get_num_threads());
+  });
+#endif
+  return keep;
+}
+
+at::Tensor prune_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tensor& query_mask,
+                        const at::Tensor& context_mask, const at::Tensor& key_mask,
+                        double keep_ratio, int64_t min_keep, bool causal,
+                        std::optional<double> scale) {
+  // Check the selection arguments first so a bad keep_ratio fails before the heavy pass.
+  TORCH_CHECK_VALUE(keep_ratio > 0 && keep_ratio <= 1, "keep_ratio must be in (0, 1], got ",
+                    keep_ratio);
+  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+  const at::Tensor scores = context_scores(q, k, query_mask, key_mask, causal, scale);
+  return select_tokens(scores, context_mask, key_mask, keep_ratio, min_keep);
+}
+
+}  // namespace
+
+#ifdef LYRA_CUDA_BUILD
+TORCH_LIBRARY_IMPL(lyra, CUDA, m) {
+#else
+TORCH_LIBRARY_IMPL(lyra, CPU, m) {
+#endif
+  m.impl("context_scores", &context_scores);
+  m.impl("select_tokens", &select_tokens);
+  m.impl("prune_tokens", &prune_tokens);
+}
+
+}  // namespace lyra

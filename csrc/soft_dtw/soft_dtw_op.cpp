@@ -1,0 +1,120 @@
+// Torch glue of lyra::soft_dtw_forward / lyra::soft_dtw_backward (schemas in registration.cpp).
+// Compiled into the CPU extension, and with LYRA_CUDA_BUILD into the CUDA extension, where it
+// registers the CUDA implementations instead.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "soft_dtw.h"
+
+#ifdef LYRA_CUDA_BUILD
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace lyra {
+namespace {
+
+void check_band(const at::Tensor& x_host, const at::Tensor& y_host, int64_t bandwidth) {
+  if (bandwidth < 0) return;
+  const int64_t* x = x_host.data_ptr<int64_t>();
+  const int64_t* y = y_host.data_ptr<int64_t>();
+  for (int64_t b = 0; b < x_host.size(0); ++b) {
+    TORCH_CHECK_VALUE(std::abs(x[b] - y[b]) <= bandwidth, "sample ", b, ": |x_lengths - y_lengths| = |",
+                      x[b], " - ", y[b], "| exceeds bandwidth ", bandwidth,
+                      ", so the end cell is outside the Sakoe-Chiba band");
+  }
+}
+
+void check_D(const at::Tensor& D) {
+  check_dim(D, 3, "D", "(B, Lmax, Smax)");
+  TORCH_CHECK_TYPE(D.scalar_type() == at::kFloat || D.scalar_type() == at::kDouble,
+                   "D must be float32 or float64 here (the Python wrapper upcasts half "
+                   "precision), got ", D.scalar_type());
+  TORCH_CHECK_VALUE(D.size(0) >= 1 && D.size(1) >= 1 && D.size(2) >= 1,
+                    "D must be non-empty, got shape ", D.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
+                                                    const at::Tensor& x_lengths,
+                                                    const at::Tensor& y_lengths, double gamma,
+                                                    int64_t bandwidth, bool store_weights) {
+  check_D(D_in);
+  TORCH_CHECK_VALUE(gamma > 0, "gamma must be > 0, got ", gamma);
+  const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
+  auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
+  auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
+  check_band(x_host, y_host, bandwidth);
+  const at::Tensor D = D_in.contiguous();
+  at::Tensor value = at::empty({B}, D.options());
+  at::Tensor weights = store_weights ? at::empty({B, Lmax, Smax, 3}, D.options())
+                                     : at::empty({0}, D.options());
+  AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "soft_dtw_forward", [&] {
+    scalar_t* w = store_weights ? weights.data_ptr<scalar_t>() : nullptr;
+#ifdef LYRA_CUDA_BUILD
+    const c10::cuda::CUDAGuard guard(D.device());
+    const int err = soft_dtw_forward_cuda<scalar_t, scalar_t>(
+        D.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(), y_len.data_ptr<int64_t>(), B, Lmax,
+        Smax, gamma, bandwidth, value.data_ptr<scalar_t>(), w,
+        c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, "soft_dtw_forward CUDA kernel failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+#else
+    soft_dtw_forward_cpu<scalar_t, scalar_t>(D.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(),
+                                             y_len.data_ptr<int64_t>(), B, Lmax, Smax, gamma,
+                                             bandwidth, value.data_ptr<scalar_t>(), w,
+                                             at::get_num_threads());
+#endif
+  });
+  return {value, weights};
+}
+
+at::Tensor soft_dtw_backward(const at::Tensor& grad_in, const at::Tensor& weights_in,
+                             const at::Tensor& x_lengths, const at::Tensor& y_lengths,
+                             int64_t bandwidth) {
+  check_dim(weights_in, 4, "weights", "(B, Lmax, Smax, 3)");
+  TORCH_CHECK_VALUE(weights_in.size(3) == 3, "weights.shape[3] must be 3, got ",
+                    weights_in.size(3));
+  const int64_t B = weights_in.size(0), Lmax = weights_in.size(1), Smax = weights_in.size(2);
+  check_dim(grad_in, 1, "grad", "(B,)");
+  check_size(grad_in, 0, B, "grad", "batch");
+  check_same_device(grad_in, weights_in, "grad", "weights");
+  auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "Lmax", weights_in);
+  auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "Smax", weights_in);
+  check_band(x_host, y_host, bandwidth);
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor grad = grad_in.to(weights.scalar_type()).contiguous();
+  at::Tensor dD = at::empty({B, Lmax, Smax}, weights.options());
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "soft_dtw_backward", [&] {
+#ifdef LYRA_CUDA_BUILD
+    const c10::cuda::CUDAGuard guard(weights.device());
+    const int err = soft_dtw_backward_cuda<scalar_t, scalar_t>(
+        grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(),
+        y_len.data_ptr<int64_t>(), B, Lmax, Smax, bandwidth, dD.data_ptr<scalar_t>(),
+        c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == 0, "soft_dtw_backward CUDA kernel failed: ",
+                cudaGetErrorString(static_cast<cudaError_t>(err)));
+#else
+    soft_dtw_backward_cpu<scalar_t, scalar_t>(grad.data_ptr<scalar_t>(),
+                                              weights.data_ptr<scalar_t>(),
+                                              x_len.data_ptr<int64_t>(), y_len.data_ptr<int64_t>(),
+                                              B, Lmax, Smax, bandwidth, dD.data_ptr<scalar_t>(),
+                                              at::get_num_threads());
+#endif
+  });
+  return dD;
+}
+
+}  // namespace
+
+#ifdef LYRA_CUDA_BUILD
+TORCH_LIBRARY_IMPL(lyra, CUDA, m) {
+#else
+TORCH_LIBRARY_IMPL(lyra, CPU, m) {
+#endif
+  m.impl("soft_dtw_forward", &soft_dtw_forward);
+  m.impl("soft_dtw_backward", &soft_dtw_backward);
+}
+
+}  // namespace lyra
