@@ -47,6 +47,60 @@ def soft_dtw(
     return values
 
 
+def soft_dtw_value_and_grad(
+    D: Tensor,
+    x_lengths: Tensor,
+    y_lengths: Tensor,
+    gamma: float = 0.1,
+    bandwidth: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Float64 soft-DTW values and d value_b / d D_b by the classic R and E matrices
+    (Cuturi & Blondel 2017; the backward of mblondel/soft-dtw, which recomputes the soft-min
+    weights from R), without autograd: a second, independent reference, fast enough for
+    long sequences (one sample at a time, vectorized over anti-diagonals)."""
+    D = D.detach().double()
+    B = D.shape[0]
+    values = torch.zeros(B, dtype=torch.float64, device=D.device)
+    grad = torch.zeros_like(D)
+    for b in range(B):
+        L, S = int(x_lengths[b]), int(y_lengths[b])
+        C = torch.zeros(L + 2, S + 2, dtype=torch.float64, device=D.device)
+        C[1 : L + 1, 1 : S + 1] = D[b, :L, :S]
+        R = torch.full_like(C, float("inf"))
+        R[0, 0] = 0.0
+
+        def diagonal(k):
+            i = torch.arange(max(1, k - S), min(L, k - 1) + 1, device=D.device)
+            j = k - i
+            if bandwidth is not None:
+                keep = (i - j).abs() <= bandwidth
+                i, j = i[keep], j[keep]
+            return i, j
+
+        for k in range(2, L + S + 1):
+            i, j = diagonal(k)
+            prev = torch.stack([R[i - 1, j - 1], R[i - 1, j], R[i, j - 1]])
+            R[i, j] = C[i, j] - gamma * torch.logsumexp(-prev / gamma, dim=0)
+        values[b] = R[L, S]
+
+        E = torch.zeros_like(C)
+        E[L, S] = 1.0
+        for k in range(L + S - 1, 1, -1):
+            i, j = diagonal(k)
+
+            def weight(si, sj):  # the soft-min weight successor (si, sj) gives to (i, j)
+                w = torch.exp((R[si, sj] - R[i, j] - C[si, sj]) / gamma)
+                return torch.where(torch.isfinite(R[si, sj]), w, 0.0)
+
+            E[i, j] = (
+                E[i + 1, j] * weight(i + 1, j)
+                + E[i, j + 1] * weight(i, j + 1)
+                + E[i + 1, j + 1] * weight(i + 1, j + 1)
+            )
+        grad[b, :L, :S] = E[1 : L + 1, 1 : S + 1]
+    return values, grad
+
+
 def lcmr_loss(
     speech: Tensor,
     text: Tensor,

@@ -24,8 +24,12 @@ enum SoftDtwPred : int { kDiag = 0, kUp = 1, kLeft = 2 };
 // D:        (B, Lmax, Smax), contiguous.
 // bandwidth: < 0 for no band; else cells with |i - j| > bandwidth (0-based) are excluded.
 // value:    (B) output.
-// weights:  (B, Lmax, Smax, 3) output, or nullptr when no backward will follow. Entries of
-//           cells outside [0, x_len) x [0, y_len) (or outside the band) are set to zero.
+// weights:  (B, Lmax, Smax, 3) elements of output, or nullptr when no backward will follow.
+//           The layout inside a sample's slab is the backend's own (only its backward reads
+//           it), but every element is written, so the output is deterministic:
+//           CUDA: natural (i, j, pred) order, zero outside the valid cells and the band;
+//           CPU: three planes of Lmax*Smax (diag, up, left), each holding the valid cells
+//           packed diagonal by diagonal (rows ascending), then zeros.
 // The recursion state is double whatever scalar_t is.
 template <typename scalar_t, typename weight_t>
 void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,

@@ -163,6 +163,11 @@ void forward_sample(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, doubl
     }
   }
   *value = static_cast<scalar_t>(diags[(L + S) % 3][L]);
+  if (W != nullptr) {  // the unused tail of each plane: zero, so the output is deterministic
+    for (int64_t p = 0; p < 3; ++p) {
+      std::fill(W + p * plane + layout.offset[L + S + 1], W + (p + 1) * plane, weight_t(0));
+    }
+  }
 }
 
 template <typename scalar_t, typename weight_t>

@@ -1,0 +1,239 @@
+"""context_scores / select_tokens / prune_tokens / compact against the plain-PyTorch references."""
+import math
+
+import pytest
+import torch
+
+from lyra_pl import ops, reference
+from conftest import rel_err
+
+
+def attention_inputs(B, Hq, Hkv, N, dh, dtype=torch.float64, device="cpu", seed=0):
+    """Random q/k with variable valid lengths, instruction rows after a context span."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, N, dh, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(B, Hkv, N, dh, generator=g, dtype=torch.float64) * 2
+    lengths = torch.randint(max(1, N // 2), N + 1, (B,), generator=g)
+    lengths[0] = N
+    pos = torch.arange(N)
+    key_mask = pos < lengths[:, None]
+    context = (pos >= 2) & (pos < (lengths[:, None] * 0.7).long())
+    query = key_mask & ~context & (pos >= 2) & (torch.rand(B, N, generator=g) < 0.6)
+    cast = dict(dtype=dtype, device=device)
+    return (q.to(**cast), k.to(**cast), query.to(device), context.to(device), key_mask.to(device))
+
+
+CASES = [  # (B, Hq, Hkv, N, dh): GQA groups 1, 4 and 7; tiles of 64 keys split unevenly
+    (1, 1, 1, 1, 4),
+    (2, 4, 4, 37, 8),
+    (3, 8, 2, 130, 16),
+    (2, 7, 1, 200, 32),
+    (1, 28, 4, 300, 64),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_context_scores_float64(device, case, causal):
+    q, k, query, _, key = attention_inputs(*case, device=device, seed=sum(case))
+    out = ops.context_scores(q, k, query, key, causal)
+    ref = reference.context_scores(q, k, query, key, causal)
+    assert out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-6
+    assert not out[~key].any()  # padding gets exactly zero
+
+
+@pytest.mark.parametrize("case", CASES[1:])
+@pytest.mark.parametrize("causal", [True, False])
+def test_context_scores_float32(device, case, causal):
+    q, k, query, _, key = attention_inputs(*case, device=device, seed=7)
+    out = ops.context_scores(q.float(), k.float(), query, key, causal)
+    ref = reference.context_scores(q.float().double(), k.float().double(), query, key, causal)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_context_scores_half(device, dtype):
+    """Half inputs, fp32 accumulation: judged against fp32 math on the same rounded inputs."""
+    q, k, query, _, key = attention_inputs(2, 8, 2, 150, 32, device=device, seed=3)
+    q, k = q.to(dtype), k.to(dtype)
+    out = ops.context_scores(q, k, query, key)
+    ref = reference.context_scores(q.double(), k.double(), query, key)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-4
+
+
+def test_context_scores_strided_and_scale(device):
+    """q/k in (B, N, H, dh) memory viewed as (B, H, N, dh), as attention layers produce them."""
+    q, k, query, _, key = attention_inputs(2, 4, 2, 70, 16, device=device, seed=5)
+    qt, kt = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qt.is_contiguous()
+    out = ops.context_scores(qt, kt, query, key, scale=0.3)
+    ref = reference.context_scores(q, k, query, key, scale=0.3)
+    assert rel_err(out, ref) < 1e-6
+
+
+def test_context_scores_edge_cases(device):
+    q, k, query, _, key = attention_inputs(3, 4, 2, 50, 8, device=device, seed=9)
+    query[1] = False  # a sample without instruction rows: all scores zero
+    key[2, 10:] = False
+    query[2, 5] = True
+    out = ops.context_scores(q, k, query, key)
+    ref = reference.context_scores(q, k, query, key)
+    assert not out[1].any()
+    assert rel_err(out, ref) < 1e-6
+    # Each sample's scores sum to 1 (every row's softmax does) unless it has no rows.
+    torch.testing.assert_close(out.sum(1)[[0, 2]], torch.ones(2, dtype=out.dtype, device=device))
+    # No query row at all in the batch.
+    none = ops.context_scores(q, k, torch.zeros_like(query), key)
+    assert none.shape == (3, 50) and not none.any()
+
+
+def untied_scores(B, N, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, N, generator=g, dtype=torch.float64).to(device)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.05, 0.3, 0.7, 1.0])
+@pytest.mark.parametrize("min_keep", [0, 1, 32])
+def test_select_tokens_matches_reference(device, keep_ratio, min_keep):
+    for seed, (B, N) in enumerate([(1, 1), (4, 20), (3, 100), (2, 700)]):
+        scores = untied_scores(B, N, device, seed)
+        g = torch.Generator().manual_seed(seed)
+        context = (torch.rand(B, N, generator=g) < 0.7).to(device)
+        key = (torch.rand(B, N, generator=g) < 0.9).to(device)
+        for dtype in (torch.float64, torch.float32):
+            out = ops.select_tokens(scores.to(dtype), context, key, keep_ratio, min_keep)
+            ref = reference.select_tokens(scores.to(dtype), context, key, keep_ratio, min_keep)
+            assert torch.equal(out, ref)
+            assert not out[~key].any()
+            assert out[key & ~context].all()
+            n = (context & key).sum(1)
+            expected = [
+                int(c) if c < min_keep else max(min_keep, math.floor(keep_ratio * int(c)))
+                for c in n
+            ]
+            assert (out & context).sum(1).tolist() == expected
+
+
+def test_select_tokens_edge_cases(device):
+    scores = untied_scores(3, 40, device)
+    key = torch.ones(3, 40, dtype=torch.bool, device=device)
+    context = torch.zeros_like(key)
+    context[0, :10] = True  # n = 10 < min_keep: all kept
+    context[1] = True  # keep_ratio * 40 = 4 < min_keep = 12: 12 kept
+    # sample 2: no context tokens: everything valid kept
+    out = ops.select_tokens(scores, context, key, 0.1, 12)
+    assert out[0].all() and out[2].all()
+    assert out[1].sum() == 12
+    top = torch.topk(scores[1], 12).indices
+    assert out[1, top].all()
+
+
+def test_select_tokens_ties_go_to_earlier_tokens(device):
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1, 0.5]], device=device)
+    ctx = torch.ones(1, 6, dtype=torch.bool, device=device)
+    out = ops.select_tokens(scores, ctx, ctx, 0.5, 0)  # k = 3: 0.9 and the first two 0.5s
+    assert out.tolist() == [[True, True, True, False, False, False]]
+    nan = torch.tensor([[float("nan"), 0.2, 0.1]], device=device)
+    ctx3 = torch.ones(1, 3, dtype=torch.bool, device=device)
+    assert ops.select_tokens(nan, ctx3, ctx3, 0.67, 0).tolist() == [[False, True, True]]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_prune_tokens_is_select_of_scores(device, causal):
+    q, k, query, context, key = attention_inputs(3, 8, 2, 260, 16, dtype=torch.float32,
+                                                 device=device, seed=4)
+    fused = ops.prune_tokens(q, k, query, context, key, 0.4, min_keep=16, causal=causal)
+    scores = ops.context_scores(q, k, query, key, causal)
+    assert torch.equal(fused, ops.select_tokens(scores, context, key, 0.4, 16))
+    q64, k64 = q.double(), k.double()
+    ref = reference.prune_tokens(q64, k64, query, context, key, 0.4, 16, causal)
+    assert torch.equal(ops.prune_tokens(q64, k64, query, context, key, 0.4, 16, causal), ref)
+
+
+def test_keep_ratio_one_keeps_every_valid_token(device):
+    q, k, query, context, key = attention_inputs(2, 4, 2, 90, 8, device=device, seed=2)
+    assert torch.equal(ops.prune_tokens(q, k, query, context, key, 1.0), key)
+
+
+def test_opcheck(device):
+    q, k, query, context, key = attention_inputs(2, 4, 2, 70, 8, device=device, seed=1)
+    torch.library.opcheck(torch.ops.lyra.context_scores.default, (q, k, query, key, True, None))
+    torch.library.opcheck(torch.ops.lyra.context_scores.default, (q.float(), k.float(), query, key, False, 0.5))
+    s = ops.context_scores(q, k, query, key)
+    torch.library.opcheck(torch.ops.lyra.select_tokens.default, (s, context, key, 0.5, 4))
+    torch.library.opcheck(
+        torch.ops.lyra.prune_tokens.default, (q, k, query, context, key, 0.5, 4, True, None)
+    )
+
+
+def test_torch_compile_fullgraph():
+    q, k, query, context, key = attention_inputs(2, 4, 2, 80, 8, dtype=torch.float32, seed=6)
+    h = torch.randn(2, 80, 5)
+
+    def extractor_step(q, k, h):
+        keep = ops.prune_tokens(q, k, query, context, key, 0.5, min_keep=4)
+        return ops.compact(keep, h, key)
+
+    compiled = torch.compile(extractor_step, fullgraph=True, backend="aot_eager", dynamic=False)
+    for got, want in zip(compiled(q, k, h), extractor_step(q, k, h)):
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- compact
+def test_compact(device):
+    B, N = 3, 9
+    keep = torch.tensor(
+        [[1, 0, 1, 1, 0, 0, 1, 0, 0], [0] * 9, [1] * 9], dtype=torch.bool, device=device
+    )
+    hidden = torch.randn(B, N, 4, device=device)
+    labels = torch.arange(B * N, device=device).reshape(B, N)
+    pos = torch.stack([labels, labels + 100, labels + 200])  # (3, B, N) M-RoPE positions
+    h2, l2, p2, lengths = ops.compact(keep, hidden, labels, pos, pad_value=(0.0, -100, -1))
+    assert lengths.tolist() == [4, 0, 9]
+    assert h2.shape == (B, 9, 4) and l2.shape == (B, 9) and p2.shape == (3, B, 9)
+    assert torch.equal(h2[0, :4], hidden[0, [0, 2, 3, 6]]) and not h2[0, 4:].any()
+    assert l2[0].tolist() == [0, 2, 3, 6] + [-100] * 5
+    assert (l2[1] == -100).all() and torch.equal(l2[2], labels[2])
+    assert torch.equal(p2[1, 0, :4], pos[1, 0, [0, 2, 3, 6]]) and (p2[:, 0, 4:] == -1).all()
+    # New length is the batch maximum of kept tokens.
+    h3, n3 = ops.compact(keep[:2], hidden[:2])
+    assert h3.shape == (2, 4, 4) and n3.tolist() == [4, 0]
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_errors_name_the_problem():
+    q, k, query, context, key = attention_inputs(2, 4, 2, 20, 8)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple of the number of kv heads \(3\)"):
+        ops.context_scores(q, torch.randn(2, 3, 20, 8, dtype=q.dtype), query, key)
+    with pytest.raises(ValueError, match="must match q .* in batch, tokens and head_dim"):
+        ops.context_scores(q, k[:, :, :10], query, key)
+    with pytest.raises(TypeError, match="k has dtype torch.float32 but q has torch.float64"):
+        ops.context_scores(q, k.float(), query, key)
+    with pytest.raises(TypeError, match="query_mask must be a bool tensor"):
+        ops.context_scores(q, k, query.int(), key)
+    with pytest.raises(ValueError, match=r"key_mask must have shape \(2, 20\)"):
+        ops.context_scores(q, k, query, key[:, :5])
+    with pytest.raises(ValueError, match=r"q and k must be \(B, Hq, N, head_dim\)"):
+        ops.context_scores(q[0], k, query, key)
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        ops.prune_tokens(q, k, query, context, key, 1.5)
+    with pytest.raises(ValueError, match=r"keep_ratio must be in \(0, 1\]"):
+        ops.select_tokens(torch.rand(2, 20), context, key, 0.0)
+    with pytest.raises(ValueError, match="min_keep must be an int >= 0"):
+        ops.select_tokens(torch.rand(2, 20), context, key, 0.5, -1)
+    with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
+        torch.ops.lyra.context_scores(q, torch.randn(2, 3, 20, 8, dtype=q.dtype), query, key, True, None)
+    with pytest.raises(ValueError, match=r"keep must be a \(B, N\) bool tensor"):
+        ops.compact(key.int(), q)
+    with pytest.raises(ValueError, match=r"tensors\[0\] has shape"):
+        ops.compact(key, torch.zeros(2, 7))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_rejected():
+    q, k, query, context, key = attention_inputs(2, 4, 2, 20, 8)
+    with pytest.raises(ValueError, match="is on cpu but q is on cuda"):
+        ops.context_scores(q.cuda(), k.cuda(), query, key.cuda())

@@ -1,0 +1,234 @@
+"""lyra_pl.ops.soft_dtw and lcmr_loss against the float64 plain-PyTorch references."""
+import pytest
+import torch
+
+from lyra_pl import ops, reference
+from conftest import rel_err
+
+
+def cost_matrix(B, L, S, dtype=torch.float64, device="cpu", seed=0):
+    """An LCMR-like cost: -log softmax of random logits (positive, a few units large)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, L, S, generator=g, dtype=torch.float64) * 3
+    return (-torch.log_softmax(logits, -1)).to(dtype=dtype, device=device)
+
+
+def random_lengths(B, Lmax, Smax, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(1, Lmax + 1, (B,), generator=g)
+    y = torch.randint(1, Smax + 1, (B,), generator=g)
+    x[0], y[0] = Lmax, Smax  # the padded size itself is always exercised
+    return x, y
+
+
+def value_and_grad(fn, D, x, y, **kw):
+    D = D.detach().clone().requires_grad_()
+    v = fn(D, x, y, **kw)
+    w = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype, device=v.device)  # distinct per sample
+    (g,) = torch.autograd.grad((v * w).sum(), D)
+    return v.detach(), g
+
+
+# (B, Lmax, Smax): L=1, S=1, S > L, square, and a long sample next to short ones.
+SHAPES = [(1, 1, 1), (3, 1, 7), (3, 9, 1), (4, 5, 23), (5, 17, 11), (2, 30, 30), (6, 64, 13)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_matches_reference_float64(device, shape, gamma):
+    B, L, S = shape
+    for seed in range(3):
+        D = cost_matrix(B, L, S, device=device, seed=seed)
+        x, y = (t.to(device) for t in random_lengths(B, L, S, seed))
+        v, g = value_and_grad(ops.soft_dtw, D, x, y, gamma=gamma)
+        rv, rg = value_and_grad(reference.soft_dtw, D, x, y, gamma=gamma)
+        assert rel_err(v, rv) < 1e-6
+        assert rel_err(g, rg) < 1e-6
+        for b in range(B):  # exactly zero gradient outside each sample's region
+            assert not g[b, x[b]:].any() and not g[b, :, y[b]:].any()
+
+
+@pytest.mark.parametrize("bandwidth", [0, 1, 3, 10])
+def test_bandwidth_matches_reference(device, bandwidth):
+    B, L, S = 5, 20, 18
+    D = cost_matrix(B, L, S, device=device, seed=bandwidth)
+    x = torch.tensor([18, 7, 12, 3, 15], device=device)
+    offset = torch.tensor([2, 0, -1, 1, 0], device=device).clamp(-bandwidth, bandwidth)
+    y = (x - offset).clamp(1, S)  # |x - y| <= bandwidth, so the end cell is in the band
+    v, g = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
+    rv, rg = value_and_grad(reference.soft_dtw, D, x, y, bandwidth=bandwidth)
+    assert torch.isfinite(v).all()
+    assert rel_err(v, rv) < 1e-6 and rel_err(g, rg) < 1e-6
+
+
+def test_one_long_sample_among_short_ones(device):
+    L, S = 400, 90
+    D = cost_matrix(4, L, S, device=device, seed=7)
+    x = torch.tensor([L, 3, 10, 1], device=device)
+    y = torch.tensor([S, 90, 2, 1], device=device)
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    rv, rg = value_and_grad(reference.soft_dtw, D, x, y)
+    assert rel_err(v, rv) < 1e-6 and rel_err(g, rg) < 1e-6
+
+
+def test_padding_content_is_ignored(device):
+    D = cost_matrix(3, 12, 9, device=device)
+    x, y = torch.tensor([12, 5, 2], device=device), torch.tensor([4, 9, 1], device=device)
+    D2 = D.clone()
+    for b in range(3):
+        D2[b, x[b]:] = torch.nan
+        D2[b, :, y[b]:] = 1e30
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    v2, g2 = value_and_grad(ops.soft_dtw, D2, x, y)
+    assert torch.equal(v, v2) and torch.equal(g, g2)
+
+
+def analytic(D, x, y, **kw):
+    """The second reference (R/E matrices, no autograd), weighted like value_and_grad."""
+    v, g = reference.soft_dtw_value_and_grad(D, x, y, **kw)
+    w = torch.linspace(0.5, 1.5, v.numel(), dtype=v.dtype, device=v.device)
+    return v, g * w[:, None, None]
+
+
+@pytest.mark.parametrize("bandwidth", [None, 2])
+def test_the_two_references_agree(bandwidth):
+    D = cost_matrix(4, 15, 13, seed=2)
+    x, y = torch.tensor([15, 4, 9, 1]), torch.tensor([13, 5, 9, 1])
+    if bandwidth is not None:
+        y = torch.tensor([13, 5, 9, 1]).clamp(min=(x - 2).clamp(min=1), max=x + 2)
+    v, g = value_and_grad(reference.soft_dtw, D, x, y, bandwidth=bandwidth)
+    av, ag = analytic(D, x, y, bandwidth=bandwidth)
+    assert rel_err(v, av) < 1e-12 and rel_err(g, ag) < 1e-10
+
+
+def test_float32_long_sequence_accuracy():
+    """B=1, L=4500, S=1000: where every float32 peer loses the gradient (issue #2)."""
+    L, S = 4500, 1000
+    D32 = cost_matrix(1, L, S, seed=3).float()
+    x, y = torch.tensor([L]), torch.tensor([S])
+    v32, g32 = value_and_grad(ops.soft_dtw, D32, x, y)
+    v64, g64 = analytic(D32, x, y)  # float64 on the same (float32-representable) costs
+    assert rel_err(v32, v64) < 1e-5
+    assert (g32.double() - g64).abs().max().item() < 1e-4
+    assert g64.abs().max() > 0.5  # the alignment path carries real gradient mass
+
+
+def test_variable_lengths_float32(device):
+    D = cost_matrix(8, 300, 60, dtype=torch.float32, device=device, seed=11)
+    x, y = (t.to(device) for t in random_lengths(8, 300, 60, 11))
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    rv, rg = analytic(D.cpu(), x.cpu(), y.cpu())
+    assert rel_err(v.cpu(), rv) < 1e-5
+    assert (g.cpu().double() - rg).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_upcast(device, dtype):
+    D = cost_matrix(2, 10, 6, dtype=dtype, device=device)
+    x, y = torch.tensor([10, 4], device=device), torch.tensor([6, 6], device=device)
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    rv, _ = value_and_grad(reference.soft_dtw, D.double(), x, y)
+    assert v.dtype == torch.float32 and g.dtype == dtype
+    assert rel_err(v, rv) < 1e-5
+
+
+def test_gradcheck(device):
+    D = cost_matrix(3, 6, 5, device=device).requires_grad_()
+    x, y = torch.tensor([6, 2, 4], device=device), torch.tensor([5, 5, 1], device=device)
+    assert torch.autograd.gradcheck(lambda d: ops.soft_dtw(d, x, y, gamma=0.5), (D,))
+    assert torch.autograd.gradcheck(lambda d: ops.soft_dtw(d, x, x.clamp(max=5), bandwidth=1), (D,))
+
+
+def test_opcheck(device):
+    D = cost_matrix(3, 7, 5, device=device).requires_grad_()
+    x, y = torch.tensor([7, 3, 1], device=device), torch.tensor([5, 2, 4], device=device)
+    torch.library.opcheck(torch.ops.lyra.soft_dtw_forward.default, (D, x, y, 0.1, -1, True))
+    torch.library.opcheck(
+        torch.ops.lyra.soft_dtw_forward.default, (D.detach(), x, torch.tensor([5, 2, 1], device=device), 0.3, 2, False)
+    )
+
+
+@pytest.mark.parametrize("normalize", ["length_sum", "x_length", "none"])
+def test_lcmr_matches_per_sample_reference(device, normalize):
+    g = torch.Generator().manual_seed(5)
+    B, L, S, d = 4, 25, 9, 16
+    speech = torch.randn(B, L, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    text = torch.randn(B, S, d, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    sl, tl = torch.tensor([25, 3, 12, 1], device=device), torch.tensor([9, 9, 1, 4], device=device)
+    out = ops.lcmr_loss(speech, text, sl, tl, normalize=normalize)
+    ref = reference.lcmr_loss(speech, text, sl, tl, normalize=normalize)
+    assert rel_err(out, ref) < 1e-6
+    w = torch.arange(1.0, B + 1, dtype=torch.float64, device=device)
+    ga = torch.autograd.grad((out * w).sum(), (speech, text))
+    gb = torch.autograd.grad((ref * w).sum(), (speech, text))
+    for a, b in zip(ga, gb):
+        assert rel_err(a, b) < 1e-6
+    # Padding gets no gradient at all.
+    assert not ga[0][1, 3:].any() and not ga[1][2, 1:].any()
+
+
+def test_lcmr_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    speech = torch.randn(2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    text = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    sl, tl = torch.tensor([5, 2]), torch.tensor([3, 2])
+    assert torch.autograd.gradcheck(
+        lambda s, t: ops.lcmr_loss(s, t, sl, tl, temperature=0.5), (speech, text)
+    )
+
+
+def test_torch_compile_fullgraph():
+    speech = torch.randn(3, 12, 8, requires_grad=True)
+    text = torch.randn(3, 5, 8, requires_grad=True)
+    sl, tl = torch.tensor([12, 6, 1]), torch.tensor([5, 2, 3])
+
+    def step(s, t):
+        return ops.lcmr_loss(s, t, sl, tl).mean()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(speech, text)
+    loss.backward()
+    grads = (speech.grad.clone(), text.grad.clone())
+    speech.grad = text.grad = None
+    eager = step(speech, text)
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    torch.testing.assert_close(grads[0], speech.grad)
+    torch.testing.assert_close(grads[1], text.grad)
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_errors_name_the_problem():
+    D = torch.rand(2, 4, 3)
+    x, y = torch.tensor([4, 2]), torch.tensor([3, 3])
+    with pytest.raises(ValueError, match=r"x_lengths\[1\] = 5 is out of range"):
+        ops.soft_dtw(D, torch.tensor([4, 5]), y)
+    with pytest.raises(ValueError, match=r"y_lengths\[0\] = 0 is out of range"):
+        ops.soft_dtw(D, x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"x_lengths must have shape \(B,\)"):
+        ops.soft_dtw(D, torch.tensor([4, 2, 1]), y)
+    with pytest.raises(TypeError, match="x_lengths must be an integer tensor"):
+        ops.soft_dtw(D, x.float(), y)
+    with pytest.raises(TypeError, match="D must be a floating-point tensor"):
+        ops.soft_dtw(D.long(), x, y)
+    with pytest.raises(ValueError, match=r"D must have shape \(B, Lmax, Smax\)"):
+        ops.soft_dtw(D[0], x, y)
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        ops.soft_dtw(D, x, y, gamma=0.0)
+    with pytest.raises(ValueError, match="exceeds bandwidth 0"):
+        ops.soft_dtw(D, x, y, bandwidth=0)
+    with pytest.raises(ValueError, match="bandwidth must be None or an int"):
+        ops.soft_dtw(D, x, y, bandwidth=-2)
+    with pytest.raises(ValueError, match="non-empty"):
+        torch.ops.lyra.soft_dtw_forward(torch.rand(2, 0, 3), x, y, 0.1, -1, False)
+    with pytest.raises(ValueError, match="normalize must be"):
+        ops.lcmr_loss(torch.rand(2, 4, 3), torch.rand(2, 3, 3), x, y, normalize="mean")
+    with pytest.raises(ValueError, match="must agree in batch size and hidden size"):
+        ops.lcmr_loss(torch.rand(2, 4, 3), torch.rand(2, 3, 5), x, y)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_mixed_devices_rejected():
+    D = torch.rand(2, 4, 3, device="cuda")
+    with pytest.raises(ValueError, match="x_lengths is on cpu but D is on cuda"):
+        ops.soft_dtw(D, torch.tensor([4, 2]), torch.tensor([3, 3], device="cuda"))
