@@ -45,7 +45,8 @@ debug = flag("LYRA_DEBUG", "0") == "1"
 asan = flag("LYRA_ASAN", "0") == "1"
 flag("MAX_JOBS", str(os.cpu_count()))
 opt = ["-O0", "-g"] if debug else ["-O3"]
-cxx = ["-std=c++17", "-fopenmp", "-fno-trapping-math", *opt]
+# No -std flag: torch picks the standard its headers need (C++17 or C++20).
+cxx = ["-fopenmp", "-fno-trapping-math", *opt]
 link = ["-fopenmp"]
 if asan:
     cxx += ["-fsanitize=address", "-fno-omit-frame-pointer"]
@@ -70,8 +71,8 @@ if want_cuda():
              f"{CSRC}/soft_dtw/soft_dtw_cuda.cu", f"{CSRC}/prune/prune_cuda.cu"],
             define_macros=[("LYRA_CUDA_BUILD", None)],
             extra_compile_args={
-                "cxx": ["-std=c++17", *opt],
-                "nvcc": ["-std=c++17", *opt, *(["-lineinfo"] if debug else [])],
+                "cxx": opt,
+                "nvcc": [*opt, *(["-lineinfo"] if debug else [])],
             },
         )
     )

@@ -62,12 +62,23 @@ struct DiagLayout {
   }
 };
 
-// One diagonal's cells [lo, hi] of the forward recursion. p2/p1/cur hold diagonals k-2, k-1, k
-// (by row); w* point at this diagonal's packed weights, indexed by i - first_row.
+// exp(-(v - m) / gamma) for v one of the three predecessors, given the exps of the middle and
+// the largest value (the minimum's is 1). Written as successive selects: a nested ?: here keeps
+// GCC from vectorizing the loop.
+inline double term_of(double v, double m, double mid, double x_mid, double x_top) {
+  double e = x_top;
+  e = v == mid ? x_mid : e;
+  e = v == m ? 1.0 : e;
+  return e;
+}
+
+// One diagonal's cells [lo, hi] of the forward recursion. cost/p2/p1/cur hold the costs and
+// diagonals k-2, k-1, k of R (by row); w* point at this diagonal's packed weights, indexed by
+// i - first_row.
 // Branch-free so that it vectorizes; kStore is a template flag for the same reason.
-template <bool kStore, typename scalar_t, typename weight_t>
-LYRA_SIMD_CLONES void forward_cells(int64_t k, DiagRange r, int64_t first_row,
-                                    const scalar_t* __restrict D, int64_t Smax,
+template <bool kStore, typename weight_t>
+LYRA_SIMD_CLONES void forward_cells(DiagRange r, int64_t first_row,
+                                    const double* __restrict cost,
                                     const double* __restrict p2, const double* __restrict p1,
                                     double* __restrict cur, weight_t* __restrict wd,
                                     weight_t* __restrict wu, weight_t* __restrict wl,
@@ -76,20 +87,24 @@ LYRA_SIMD_CLONES void forward_cells(int64_t k, DiagRange r, int64_t first_row,
 #pragma omp simd
   for (int64_t i = r.lo; i <= r.hi; ++i) {
     const double a = p2[i - 1], b = p1[i - 1], c = p1[i];
+    // The minimum's term is exp(0) = 1, so only the middle and largest values need an exp.
+    // Computed unconditionally and then selected: branches would block vectorization.
     const double m = std::min(a, std::min(b, c));
+    const double top = std::max(a, std::max(b, c));
+    const double mid = std::max(std::min(a, b), std::min(std::max(a, b), c));
     const bool reachable = m < kInf;
     const double ms = reachable ? m : 0.0;
-    // Computed unconditionally and then selected: conditional calls would block vectorization.
-    const double xa = exp_nonpositive((ms - a) * inv_gamma);
-    const double xb = exp_nonpositive((ms - b) * inv_gamma);
-    const double xc = exp_nonpositive((ms - c) * inv_gamma);
-    const double ea = a < kInf ? xa : 0.0, eb = b < kInf ? xb : 0.0, ec = c < kInf ? xc : 0.0;
-    const double s = reachable ? ea + eb + ec : 1.0;
-    const double cost = static_cast<double>(D[(i - 1) * Smax + (k - i - 1)]);
-    const double rv = cost + m - gamma * log_1_to_4(s);
+    const double x_mid = mid < kInf ? exp_nonpositive((ms - mid) * inv_gamma) : 0.0;
+    const double x_top = top < kInf ? exp_nonpositive((ms - top) * inv_gamma) : 0.0;
+    // Ties share a value, so matching by value hands each predecessor its own term.
+    const double ea = term_of(a, m, mid, x_mid, x_top);
+    const double eb = term_of(b, m, mid, x_mid, x_top);
+    const double ec = term_of(c, m, mid, x_mid, x_top);
+    const double s = reachable ? 1.0 + x_mid + x_top : 1.0;
+    const double rv = cost[i] + m - gamma * log_1_to_4(s);
     cur[i] = reachable ? rv : kInf;
     if constexpr (kStore) {
-      const double inv_s = 1.0 / s;
+      const double inv_s = (reachable ? 1.0 : 0.0) / s;
       wd[i - first_row] = static_cast<weight_t>(ea * inv_s);
       wu[i - first_row] = static_cast<weight_t>(eb * inv_s);
       wl[i - first_row] = static_cast<weight_t>(ec * inv_s);
@@ -97,32 +112,28 @@ LYRA_SIMD_CLONES void forward_cells(int64_t k, DiagRange r, int64_t first_row,
   }
 }
 
-// The packed weights of one successor diagonal, read at row i + shift. Rows outside the
-// diagonal are clamped to a real entry: their successor is invalid, its E is the sentinel 0,
-// so the (finite) weight read there is multiplied by zero.
+// One diagonal's cells [lo, hi] of the backward recursion (E by row). A cell's E is the sum of
+// what its successors pass back: up1/left1 from diagonal k+1 (rows i+1 and i), diag2 from
+// diagonal k+2 (row i+1). Each cell then passes E times its own three weights (packed, indexed
+// by i - first_row) back to its predecessors through up0/left0/diag0. All accesses are
+// contiguous, so the loop vectorizes.
 template <typename weight_t>
-struct SuccessorWeights {
-  const weight_t* w;
-  int64_t first_row, last;  // w[0..last] are the diagonal's cells, rows first_row...
-  inline weight_t at(int64_t i) const {
-    const int64_t pos = i - first_row;
-    return w[pos < 0 ? 0 : (pos > last ? last : pos)];
-  }
-};
-
-// One diagonal's cells [lo, hi] of the backward recursion, E(i,j) from its successors
-// (i+1,j+1) on diagonal k+2 (E by row in e2) and (i+1,j), (i,j+1) on diagonal k+1 (e1).
-template <typename weight_t>
-LYRA_SIMD_CLONES void backward_cells(DiagRange r, SuccessorWeights<weight_t> diag2,
-                                     SuccessorWeights<weight_t> up1,
-                                     SuccessorWeights<weight_t> left1,
-                                     const double* __restrict e2, const double* __restrict e1,
-                                     double* __restrict cur) {
+LYRA_SIMD_CLONES void backward_cells(DiagRange r, int64_t first_row,
+                                     const weight_t* __restrict wd,
+                                     const weight_t* __restrict wu,
+                                     const weight_t* __restrict wl,
+                                     const double* __restrict up1,
+                                     const double* __restrict left1,
+                                     const double* __restrict diag2, double* __restrict e,
+                                     double* __restrict up0, double* __restrict left0,
+                                     double* __restrict diag0) {
 #pragma omp simd
   for (int64_t i = r.lo; i <= r.hi; ++i) {
-    cur[i] = static_cast<double>(diag2.at(i + 1)) * e2[i + 1] +
-             static_cast<double>(up1.at(i + 1)) * e1[i + 1] +
-             static_cast<double>(left1.at(i)) * e1[i];
+    const double ei = up1[i + 1] + left1[i] + diag2[i + 1];
+    e[i] = ei;
+    up0[i] = ei * static_cast<double>(wu[i - first_row]);
+    left0[i] = ei * static_cast<double>(wl[i - first_row]);
+    diag0[i] = ei * static_cast<double>(wd[i - first_row]);
   }
 }
 
@@ -136,7 +147,7 @@ template <typename scalar_t, typename weight_t>
 void forward_sample(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, double gamma,
                     int64_t bandwidth, scalar_t* value, weight_t* W, int64_t plane,
                     int nthreads) {
-  std::vector<double> buf(3 * (L + 1), kInf);
+  std::vector<double> buf(3 * (L + 1), kInf), cost(L + 1);
   double* diags[3] = {buf.data(), buf.data() + (L + 1), buf.data() + 2 * (L + 1)};
   diags[0][0] = 0.0;  // diagonal 0 is R[0,0]; diagonal 1 is all border (+inf)
   const DiagLayout layout(W != nullptr ? L : 0, W != nullptr ? S : 0, bandwidth);
@@ -150,13 +161,18 @@ void forward_sample(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, doubl
       const DiagRange mine = thread_share(r, tid, nt);
       const double* p2 = diags[(k - 2) % 3];
       const double* p1 = diags[(k - 1) % 3];
+      // Gather the diagonal's strided costs first: the vector loop then reads them contiguously
+      // (with the strided load inside, GCC does not vectorize the weight stores).
+      for (int64_t i = mine.lo; i <= mine.hi; ++i) {
+        cost[i] = static_cast<double>(D[(i - 1) * Smax + (k - i - 1)]);
+      }
       if (W != nullptr) {
         weight_t* wd = W + layout.offset[k];
-        forward_cells<true>(k, mine, r.lo, D, Smax, p2, p1, cur, wd, wd + plane, wd + 2 * plane,
+        forward_cells<true>(mine, r.lo, cost.data(), p2, p1, cur, wd, wd + plane, wd + 2 * plane,
                             gamma);
       } else {
-        forward_cells<false, scalar_t, weight_t>(k, mine, r.lo, D, Smax, p2, p1, cur, nullptr,
-                                                 nullptr, nullptr, gamma);
+        forward_cells<false, weight_t>(mine, r.lo, cost.data(), p2, p1, cur, nullptr, nullptr,
+                                       nullptr, gamma);
       }
       if (tid == 0) set_sentinels(cur, r, L, kInf);
 #pragma omp barrier
@@ -173,36 +189,36 @@ void forward_sample(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, doubl
 template <typename scalar_t, typename weight_t>
 void backward_sample(scalar_t grad, const weight_t* W, int64_t plane, int64_t L, int64_t S,
                      int64_t Smax, int64_t bandwidth, scalar_t* dD, int nthreads) {
-  std::vector<double> buf(3 * (L + 2), 0.0);
-  double* diags[3] = {buf.data(), buf.data() + (L + 2), buf.data() + 2 * (L + 2)};
+  // Row-indexed buffers: E of the current diagonal, what the last two diagonals pass back
+  // (up/left: one diagonal back, diag: two), all zero outside each diagonal's cells.
+  const int64_t n = L + 2;
+  std::vector<double> buf(8 * n, 0.0);
+  double* e = buf.data();
+  double* up[2] = {buf.data() + n, buf.data() + 2 * n};
+  double* left[2] = {buf.data() + 3 * n, buf.data() + 4 * n};
+  double* diag[3] = {buf.data() + 5 * n, buf.data() + 6 * n, buf.data() + 7 * n};
+  diag[(L + S + 2) % 3][L + 1] = 1.0;  // seeds E[L, S] = 1 on the last diagonal
   const double g = static_cast<double>(grad);
   const DiagLayout layout(L, S, bandwidth);
-  static const weight_t kZero[1] = {weight_t(0)};
-  // Successor weights of plane p on diagonal k (a zero stand-in past the end or when empty).
-  auto successor = [&](int64_t k, int64_t p) -> SuccessorWeights<weight_t> {
-    if (k > L + S) return {kZero, 0, 0};
-    const DiagRange r = diag_range(k, L, S, bandwidth);
-    if (r.hi < r.lo) return {kZero, 0, 0};
-    return {W + p * plane + layout.offset[k], r.lo, r.hi - r.lo};
-  };
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
   {
     const int tid = omp_get_thread_num();
     const int nt = omp_get_num_threads();
     for (int64_t k = L + S; k >= 2; --k) {
-      double* cur = diags[k % 3];
       const DiagRange r = diag_range(k, L, S, bandwidth);
       const DiagRange mine = thread_share(r, tid, nt);
-      if (k == L + S) {
-        if (tid == 0) cur[L] = 1.0;
-      } else {
-        backward_cells(mine, successor(k + 2, kDiag), successor(k + 1, kUp),
-                       successor(k + 1, kLeft), diags[(k + 2) % 3], diags[(k + 1) % 3], cur);
-      }
+      const weight_t* wd = W + layout.offset[k];
+      backward_cells(mine, r.lo, wd, wd + plane, wd + 2 * plane, up[(k + 1) % 2],
+                     left[(k + 1) % 2], diag[(k + 2) % 3], e, up[k % 2], left[k % 2],
+                     diag[k % 3]);
       for (int64_t i = mine.lo; i <= mine.hi; ++i) {
-        dD[(i - 1) * Smax + (k - i - 1)] = static_cast<scalar_t>(g * cur[i]);
+        dD[(i - 1) * Smax + (k - i - 1)] = static_cast<scalar_t>(g * e[i]);
       }
-      if (tid == 0) set_sentinels(cur, r, L + 1, 0.0);
+      if (tid == 0) {
+        set_sentinels(up[k % 2], r, L + 1, 0.0);
+        set_sentinels(left[k % 2], r, L + 1, 0.0);
+        set_sentinels(diag[k % 3], r, L + 1, 0.0);
+      }
 #pragma omp barrier
     }
   }
