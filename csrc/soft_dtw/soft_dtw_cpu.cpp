@@ -65,16 +65,19 @@ struct DiagLayout {
 // exp(-(v - m) / gamma) for v one of the three predecessors, given the exps of the middle and
 // the largest value (the minimum's is 1). Written as successive selects: a nested ?: here keeps
 // GCC from vectorizing the loop.
-inline double term_of(double v, double m, double mid, double x_mid, double x_top) {
-  double e = x_top;
+template <typename M>
+inline M term_of(double v, double m, double mid, M x_mid, M x_top) {
+  M e = x_top;
   e = v == mid ? x_mid : e;
-  e = v == m ? 1.0 : e;
+  e = v == m ? M(1) : e;
   return e;
 }
 
 // One diagonal's cells [lo, hi] of the forward recursion. cost/p2/p1/cur hold the costs and
 // diagonals k-2, k-1, k of R (by row); w* point at this diagonal's packed weights, indexed by
-// i - first_row.
+// i - first_row. R itself is always double. The soft-min terms are computed in the weights'
+// precision: exp/log of the O(1) soft-min terms in float32 perturb each cell of R by ~1e-8
+// absolute (gamma * 1e-7), far inside the float32 tolerances, at twice the vector width.
 // Branch-free so that it vectorizes; kStore is a template flag for the same reason.
 template <bool kStore, typename weight_t>
 LYRA_SIMD_CLONES void forward_cells(DiagRange r, int64_t first_row,
@@ -83,6 +86,7 @@ LYRA_SIMD_CLONES void forward_cells(DiagRange r, int64_t first_row,
                                     double* __restrict cur, weight_t* __restrict wd,
                                     weight_t* __restrict wu, weight_t* __restrict wl,
                                     double gamma) {
+  using M = weight_t;
   const double inv_gamma = 1.0 / gamma;
 #pragma omp simd
   for (int64_t i = r.lo; i <= r.hi; ++i) {
@@ -94,20 +98,17 @@ LYRA_SIMD_CLONES void forward_cells(DiagRange r, int64_t first_row,
     const double mid = std::max(std::min(a, b), std::min(std::max(a, b), c));
     const bool reachable = m < kInf;
     const double ms = reachable ? m : 0.0;
-    const double x_mid = mid < kInf ? exp_nonpositive((ms - mid) * inv_gamma) : 0.0;
-    const double x_top = top < kInf ? exp_nonpositive((ms - top) * inv_gamma) : 0.0;
-    // Ties share a value, so matching by value hands each predecessor its own term.
-    const double ea = term_of(a, m, mid, x_mid, x_top);
-    const double eb = term_of(b, m, mid, x_mid, x_top);
-    const double ec = term_of(c, m, mid, x_mid, x_top);
-    const double s = reachable ? 1.0 + x_mid + x_top : 1.0;
-    const double rv = cost[i] + m - gamma * log_1_to_4(s);
+    const M x_mid = mid < kInf ? exp_nonpositive(static_cast<M>((ms - mid) * inv_gamma)) : M(0);
+    const M x_top = top < kInf ? exp_nonpositive(static_cast<M>((ms - top) * inv_gamma)) : M(0);
+    const M s = M(1) + x_mid + x_top;
+    const double rv = cost[i] + m - gamma * static_cast<double>(log_1_to_4(s));
     cur[i] = reachable ? rv : kInf;
     if constexpr (kStore) {
-      const double inv_s = (reachable ? 1.0 : 0.0) / s;
-      wd[i - first_row] = static_cast<weight_t>(ea * inv_s);
-      wu[i - first_row] = static_cast<weight_t>(eb * inv_s);
-      wl[i - first_row] = static_cast<weight_t>(ec * inv_s);
+      // Ties share a value, so matching by value hands each predecessor its own term.
+      const M inv_s = (reachable ? M(1) : M(0)) / s;
+      wd[i - first_row] = term_of(a, m, mid, x_mid, x_top) * inv_s;
+      wu[i - first_row] = term_of(b, m, mid, x_mid, x_top) * inv_s;
+      wl[i - first_row] = term_of(c, m, mid, x_mid, x_top) * inv_s;
     }
   }
 }
