@@ -43,33 +43,66 @@ void load_key_tile(const scalar_t* k, int64_t k_sn, int64_t j0, int64_t n, int64
   }
 }
 
-// logits[jj] = q . k[j0 + jj] (q already scaled), masked to -inf for invalid keys and, when
-// causal, keys after the query position.
+constexpr int kRows = 4;  // query rows per register block
+
+// dots[r][jj] = q[r] . k[j0 + jj] for a block of kRows query rows (already scaled) against the
+// transposed key tile: each key vector loaded feeds kRows FMAs, the accumulators stay in
+// registers.
 template <typename acc_t>
-void tile_logits(const acc_t* q, const acc_t* kt, int64_t dh, const bool* valid, int64_t n,
-                 int64_t limit, acc_t* logits) {
-  acc_t acc[kTile] = {};
-  for (int64_t d = 0; d < dh; ++d) {
-    const acc_t qd = q[d];
-    const acc_t* kd = kt + d * kTile;
+LYRA_SIMD_CLONES void block_dots(const acc_t* const* q, const acc_t* __restrict kt, int64_t dh,
+                                 acc_t* __restrict dots) {
+  constexpr int64_t kChunk = 128 / sizeof(acc_t);  // two 64-byte vectors of keys
+  for (int64_t c = 0; c < kTile; c += kChunk) {
+    acc_t acc[kRows][kChunk] = {};
+    for (int64_t d = 0; d < dh; ++d) {
+      const acc_t* kd = kt + d * kTile + c;
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t qd = q[r][d];
 #pragma omp simd
-    for (int64_t jj = 0; jj < kTile; ++jj) acc[jj] += qd * kd[jj];
-  }
-  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t jj = 0; jj < kTile; ++jj) {
-    logits[jj] = (jj < n && jj < limit && valid[jj]) ? acc[jj] : neg_inf;
+        for (int64_t v = 0; v < kChunk; ++v) acc[r][v] += qd * kd[v];
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int64_t v = 0; v < kChunk; ++v) dots[r * kTile + c + v] = acc[r][v];
+    }
   }
 }
 
-// Gathers the scaled query rows of heads [h0, h0 + G) of one sample: row (h - h0) * T + t.
+// Masks one row of dots in place: -inf for invalid keys, keys past the tile's end and, when
+// causal, keys after the query position (`limit` keys visible).
+template <typename acc_t>
+void mask_row(acc_t* logits, const bool* valid, int64_t n, int64_t limit) {
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t jj = 0; jj < kTile; ++jj) {
+    logits[jj] = (jj < n && jj < limit && valid[jj]) ? logits[jj] : neg_inf;
+  }
+}
+
+// Runs fn(first, count) over the (head g, row t) pairs g < G, t0 <= t < T in blocks of kRows,
+// numbered i = g * (T - t0) + (t - t0); q_of(i) gives the pair's scaled query row. A short last
+// block repeats its last row so block_dots always sees kRows rows.
+template <typename acc_t, typename QOf, typename Fn>
+void for_row_blocks(int64_t G, int64_t t0, int64_t T, QOf q_of, Fn fn) {
+  const int64_t count = G * (T - t0);
+  for (int64_t first = 0; first < count; first += kRows) {
+    const acc_t* q[kRows];
+    for (int r = 0; r < kRows; ++r) q[r] = q_of(std::min(first + r, count - 1));
+    fn(first, std::min<int64_t>(kRows, count - first), q);
+  }
+}
+
+// Copies the scaled query rows of every sample and head: out[((b*Hq + h)*Tmax + t)*dh + d].
 template <typename scalar_t, typename acc_t>
-void gather_queries(const scalar_t* q, int64_t q_sh, int64_t q_sn, const int64_t* rows,
-                    int64_t T, int64_t h0, int64_t G, int64_t dh, acc_t scale, acc_t* out) {
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t t = 0; t < T; ++t) {
-      const scalar_t* src = q + (h0 + g) * q_sh + rows[t] * q_sn;
-      acc_t* dst = out + (g * T + t) * dh;
-      for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+void gather_queries(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
+                    const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
+                    int64_t B, int64_t Hq, int64_t dh, acc_t scale, acc_t* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hq; ++h) {
+      for (int64_t t = 0; t < query_count[b]; ++t) {
+        const scalar_t* src = q + b * q_sb + h * q_sh + query_index[b * Tmax + t] * q_sn;
+        acc_t* dst = out + ((b * Hq + h) * Tmax + t) * dh;
+        for (int64_t d = 0; d < dh; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+      }
     }
   }
 }
@@ -89,22 +122,25 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
                         int64_t dh, bool causal, double scale, acc_t* scores, int num_threads) {
   const int64_t G = Hq / Hkv;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  // lse[b][h][t]: log-sum-exp of query row t of head h; +inf for rows that see no valid key.
-  std::vector<acc_t> lse(static_cast<size_t>(B * Hq * std::max<int64_t>(Tmax, 1)));
   const int64_t n_tiles = (N + kTile - 1) / kTile;
+  const size_t rows_total = static_cast<size_t>(B * Hq * std::max<int64_t>(Tmax, 1));
+  // The scaled query rows (both passes read them) and lse[b][h][t], the log-sum-exp of each;
+  // +inf for rows that see no valid key.
+  std::vector<acc_t> qs(rows_total * dh), lse(rows_total);
+  gather_queries(q, q_sb, q_sh, q_sn, query_index, query_count, Tmax, B, Hq, dh,
+                 static_cast<acc_t>(scale), qs.data());
+  auto row_of = [&](int64_t b, int64_t h, int64_t t) { return (b * Hq + h) * Tmax + t; };
 
-  // Pass 1: row log-sum-exps, one (sample, kv head) per task.
+  // Pass 1: row log-sum-exps, one (sample, kv head) per task, online over key tiles.
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
-    std::vector<acc_t> qs(G * std::max<int64_t>(Tmax, 1) * dh), kt(dh * kTile), logits(kTile);
+    std::vector<acc_t> kt(dh * kTile), dots(kRows * kTile);
     std::vector<acc_t> row_max(G * std::max<int64_t>(Tmax, 1)), row_sum(row_max.size());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * Hkv; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, T = query_count[b];
       const int64_t* rows = query_index + b * Tmax;
       if (T == 0) continue;
-      gather_queries(q + b * q_sb, q_sh, q_sn, rows, T, kvh * G, G, dh, static_cast<acc_t>(scale),
-                     qs.data());
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
       const int64_t last_tile = causal ? rows[T - 1] / kTile : n_tiles - 1;
@@ -113,12 +149,16 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
         // Rows are sorted by position: with causal masking, rows before j0 see nothing here.
         const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int64_t t = t0; t < T; ++t) {
-            const int64_t r = g * T + t;
-            tile_logits(qs.data() + r * dh, kt.data(), dh, key_mask + b * N + j0, n,
-                        visible(causal, rows[t], j0), logits.data());
-            acc_t m = row_max[r];
+        auto q_of = [&](int64_t i) {
+          return qs.data() + row_of(b, kvh * G + i / (T - t0), t0 + i % (T - t0)) * dh;
+        };
+        for_row_blocks<acc_t>(G, t0, T, q_of, [&](int64_t first, int64_t cnt, const acc_t** qb) {
+          block_dots(qb, kt.data(), dh, dots.data());
+          for (int64_t r = 0; r < cnt; ++r) {
+            const int64_t g = (first + r) / (T - t0), t = t0 + (first + r) % (T - t0);
+            acc_t* logits = dots.data() + r * kTile;
+            mask_row(logits, key_mask + b * N + j0, n, visible(causal, rows[t], j0));
+            acc_t m = row_max[g * T + t];
             for (int64_t jj = 0; jj < kTile; ++jj) m = std::max(m, logits[jj]);
             if (m == neg_inf) continue;  // nothing visible in this tile yet
             acc_t s = 0;
@@ -126,18 +166,17 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
             for (int64_t jj = 0; jj < kTile; ++jj) {
               s += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - m);
             }
-            const acc_t old = row_max[r];
-            row_sum[r] = (old == neg_inf ? acc_t(0) : row_sum[r] * std::exp(old - m)) + s;
-            row_max[r] = m;
+            const acc_t old = row_max[g * T + t];
+            row_sum[g * T + t] = (old == neg_inf ? acc_t(0) : row_sum[g * T + t] * std::exp(old - m)) + s;
+            row_max[g * T + t] = m;
           }
-        }
+        });
       }
       for (int64_t g = 0; g < G; ++g) {
         for (int64_t t = 0; t < T; ++t) {
-          const int64_t r = g * T + t;
-          lse[(b * Hq + kvh * G + g) * Tmax + t] =
-              row_max[r] == neg_inf ? std::numeric_limits<acc_t>::infinity()
-                                    : row_max[r] + std::log(row_sum[r]);
+          const acc_t mx = row_max[g * T + t];
+          lse[row_of(b, kvh * G + g, t)] = mx == neg_inf ? std::numeric_limits<acc_t>::infinity()
+                                                         : mx + std::log(row_sum[g * T + t]);
         }
       }
     }
@@ -146,7 +185,7 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
   // Pass 2: column sums of the probabilities, one (sample, key tile) per task.
 #pragma omp parallel num_threads(std::max(1, num_threads))
   {
-    std::vector<acc_t> qs(dh), kt(dh * kTile), logits(kTile), col(kTile);
+    std::vector<acc_t> kt(dh * kTile), dots(kRows * kTile), col(kTile);
 #pragma omp for schedule(dynamic, 4)
     for (int64_t task = 0; task < B * n_tiles; ++task) {
       const int64_t b = task / n_tiles, j0 = (task % n_tiles) * kTile;
@@ -156,19 +195,22 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
       const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
       for (int64_t kvh = 0; kvh < Hkv && t0 < T; ++kvh) {
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
-        for (int64_t h = kvh * G; h < (kvh + 1) * G; ++h) {
-          for (int64_t t = t0; t < T; ++t) {
-            gather_queries(q + b * q_sb, q_sh, q_sn, rows + t, 1, h, 1, dh,
-                           static_cast<acc_t>(scale), qs.data());
-            tile_logits(qs.data(), kt.data(), dh, key_mask + b * N + j0, n,
-                        visible(causal, rows[t], j0), logits.data());
-            const acc_t l = lse[(b * Hq + h) * Tmax + t];
+        auto q_of = [&](int64_t i) {
+          return qs.data() + row_of(b, kvh * G + i / (T - t0), t0 + i % (T - t0)) * dh;
+        };
+        for_row_blocks<acc_t>(G, t0, T, q_of, [&](int64_t first, int64_t cnt, const acc_t** qb) {
+          block_dots(qb, kt.data(), dh, dots.data());
+          for (int64_t r = 0; r < cnt; ++r) {
+            const int64_t g = (first + r) / (T - t0), t = t0 + (first + r) % (T - t0);
+            acc_t* logits = dots.data() + r * kTile;
+            mask_row(logits, key_mask + b * N + j0, n, visible(causal, rows[t], j0));
+            const acc_t l = lse[row_of(b, kvh * G + g, t)];
 #pragma omp simd
             for (int64_t jj = 0; jj < kTile; ++jj) {
               col[jj] += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - l);
             }
           }
-        }
+        });
       }
       const acc_t norm = T > 0 ? acc_t(1) / static_cast<acc_t>(Hq * T) : acc_t(0);
       for (int64_t jj = 0; jj < n; ++jj) scores[b * N + j0 + jj] = col[jj] * norm;
