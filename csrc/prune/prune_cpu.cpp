@@ -78,16 +78,35 @@ void mask_row(acc_t* logits, const bool* valid, int64_t n, int64_t limit) {
   }
 }
 
-// Runs fn(first, count) over the (head g, row t) pairs g < G, t0 <= t < T in blocks of kRows,
-// numbered i = g * (T - t0) + (t - t0); q_of(i) gives the pair's scaled query row. A short last
-// block repeats its last row so block_dots always sees kRows rows.
-template <typename acc_t, typename QOf, typename Fn>
-void for_row_blocks(int64_t G, int64_t t0, int64_t T, QOf q_of, Fn fn) {
-  const int64_t count = G * (T - t0);
+// How many keys of the tile starting at j0 the query at `pos` may see.
+inline int64_t visible(bool causal, int64_t pos, int64_t j0) {
+  return causal ? pos - j0 + 1 : kTile;
+}
+
+// Calls fn(g, t, logits) for every query row t of every head g of one kv-head group that can
+// see a key of the tile [j0, j0 + n), with its masked logits against the tile (kt). The
+// group's scaled query rows are qs[(g * Tmax + t) * dh]; `rows` are their positions, ascending,
+// so with causal masking the rows before j0 are skipped. Rows go through block_dots kRows at a
+// time; a short last block repeats its last row.
+template <typename acc_t, typename Fn>
+void for_visible_rows(const acc_t* qs, int64_t Tmax, int64_t G, const int64_t* rows, int64_t T,
+                      bool causal, int64_t j0, int64_t n, const bool* valid, const acc_t* kt,
+                      int64_t dh, acc_t* dots, Fn fn) {
+  const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
+  const int64_t per_head = T - t0, count = G * per_head;
   for (int64_t first = 0; first < count; first += kRows) {
     const acc_t* q[kRows];
-    for (int r = 0; r < kRows; ++r) q[r] = q_of(std::min(first + r, count - 1));
-    fn(first, std::min<int64_t>(kRows, count - first), q);
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t i = std::min(first + r, count - 1);
+      q[r] = qs + ((i / per_head) * Tmax + t0 + i % per_head) * dh;
+    }
+    block_dots(q, kt, dh, dots);
+    for (int64_t r = 0; r < std::min<int64_t>(kRows, count - first); ++r) {
+      const int64_t g = (first + r) / per_head, t = t0 + (first + r) % per_head;
+      acc_t* logits = dots + r * kTile;
+      mask_row(logits, valid, n, visible(causal, rows[t], j0));
+      fn(g, t, logits);
+    }
   }
 }
 
@@ -105,11 +124,6 @@ void gather_queries(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
       }
     }
   }
-}
-
-// How many keys of the tile starting at j0 the query at `pos` may see.
-inline int64_t visible(bool causal, int64_t pos, int64_t j0) {
-  return causal ? pos - j0 + 1 : kTile;
 }
 
 }  // namespace
@@ -147,29 +161,21 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
       for (int64_t tile = 0; tile <= last_tile; ++tile) {
         const int64_t j0 = tile * kTile, n = std::min(kTile, N - j0);
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
-        // Rows are sorted by position: with causal masking, rows before j0 see nothing here.
-        const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
-        auto q_of = [&](int64_t i) {
-          return qs.data() + row_of(b, kvh * G + i / (T - t0), t0 + i % (T - t0)) * dh;
-        };
-        for_row_blocks<acc_t>(G, t0, T, q_of, [&](int64_t first, int64_t cnt, const acc_t** qb) {
-          block_dots(qb, kt.data(), dh, dots.data());
-          for (int64_t r = 0; r < cnt; ++r) {
-            const int64_t g = (first + r) / (T - t0), t = t0 + (first + r) % (T - t0);
-            acc_t* logits = dots.data() + r * kTile;
-            mask_row(logits, key_mask + b * N + j0, n, visible(causal, rows[t], j0));
-            acc_t m = row_max[g * T + t];
-            for (int64_t jj = 0; jj < kTile; ++jj) m = std::max(m, logits[jj]);
-            if (m == neg_inf) continue;  // nothing visible in this tile yet
-            acc_t s = 0;
+        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, rows, T, causal, j0,
+                         n, key_mask + b * N + j0, kt.data(), dh, dots.data(),
+                         [&](int64_t g, int64_t t, const acc_t* logits) {
+          acc_t& mx = row_max[g * T + t];
+          acc_t& sum = row_sum[g * T + t];
+          acc_t m = mx;
+          for (int64_t jj = 0; jj < kTile; ++jj) m = std::max(m, logits[jj]);
+          if (m == neg_inf) return;  // nothing visible in this tile yet
+          acc_t s = 0;
 #pragma omp simd reduction(+ : s)
-            for (int64_t jj = 0; jj < kTile; ++jj) {
-              s += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - m);
-            }
-            const acc_t old = row_max[g * T + t];
-            row_sum[g * T + t] = (old == neg_inf ? acc_t(0) : row_sum[g * T + t] * std::exp(old - m)) + s;
-            row_max[g * T + t] = m;
+          for (int64_t jj = 0; jj < kTile; ++jj) {
+            s += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - m);
           }
+          sum = (mx == neg_inf ? acc_t(0) : sum * std::exp(mx - m)) + s;
+          mx = m;
         });
       }
       for (int64_t g = 0; g < G; ++g) {
@@ -192,23 +198,15 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
       const int64_t n = std::min(kTile, N - j0), T = query_count[b];
       const int64_t* rows = query_index + b * Tmax;
       std::fill(col.begin(), col.end(), acc_t(0));
-      const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
-      for (int64_t kvh = 0; kvh < Hkv && t0 < T; ++kvh) {
+      for (int64_t kvh = 0; kvh < Hkv && T > 0 && (!causal || rows[T - 1] >= j0); ++kvh) {
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
-        auto q_of = [&](int64_t i) {
-          return qs.data() + row_of(b, kvh * G + i / (T - t0), t0 + i % (T - t0)) * dh;
-        };
-        for_row_blocks<acc_t>(G, t0, T, q_of, [&](int64_t first, int64_t cnt, const acc_t** qb) {
-          block_dots(qb, kt.data(), dh, dots.data());
-          for (int64_t r = 0; r < cnt; ++r) {
-            const int64_t g = (first + r) / (T - t0), t = t0 + (first + r) % (T - t0);
-            acc_t* logits = dots.data() + r * kTile;
-            mask_row(logits, key_mask + b * N + j0, n, visible(causal, rows[t], j0));
-            const acc_t l = lse[row_of(b, kvh * G + g, t)];
+        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, rows, T, causal, j0,
+                         n, key_mask + b * N + j0, kt.data(), dh, dots.data(),
+                         [&](int64_t g, int64_t t, const acc_t* logits) {
+          const acc_t l = lse[row_of(b, kvh * G + g, t)];
 #pragma omp simd
-            for (int64_t jj = 0; jj < kTile; ++jj) {
-              col[jj] += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - l);
-            }
+          for (int64_t jj = 0; jj < kTile; ++jj) {
+            col[jj] += logits[jj] == neg_inf ? acc_t(0) : exp_nonpositive(logits[jj] - l);
           }
         });
       }
