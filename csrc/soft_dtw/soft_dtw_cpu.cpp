@@ -176,7 +176,9 @@ void forward_sample(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, doubl
                                        nullptr, gamma);
       }
       if (tid == 0) set_sentinels(cur, r, L, kInf);
+      if (nt > 1) {  // a barrier even in a team of one costs as much as a short diagonal
 #pragma omp barrier
+      }
     }
   }
   *value = static_cast<scalar_t>(diags[(L + S) % 3][L]);
@@ -220,7 +222,9 @@ void backward_sample(scalar_t grad, const weight_t* W, int64_t plane, int64_t L,
         set_sentinels(left[k % 2], r, L + 1, 0.0);
         set_sentinels(diag[k % 3], r, L + 1, 0.0);
       }
+      if (nt > 1) {
 #pragma omp barrier
+      }
     }
   }
 }
@@ -260,7 +264,17 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
                            int num_threads) {
   const int64_t slab = Lmax * Smax;
   for_each_sample(B, num_threads, [&](int64_t b, int nt) {
-    std::fill(dD + b * slab, dD + (b + 1) * slab, scalar_t(0));
+    // Zero what the recursion will not write: padding, and without a band nothing else.
+    scalar_t* out = dD + b * slab;
+    const int64_t L = x_len[b], S = y_len[b];
+    if (bandwidth >= 0) {
+      std::fill(out, out + slab, scalar_t(0));
+    } else {
+      if (S < Smax) {
+        for (int64_t i = 0; i < L; ++i) std::fill(out + i * Smax + S, out + (i + 1) * Smax, scalar_t(0));
+      }
+      std::fill(out + L * Smax, out + slab, scalar_t(0));
+    }
     backward_sample(grad[b], weights + b * slab * 3, slab, x_len[b], y_len[b], Smax, bandwidth,
                     dD + b * slab, nt);
   });
