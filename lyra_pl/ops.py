@@ -6,6 +6,7 @@ Plain-PyTorch references of every op live in :mod:`lyra_pl.reference`.
 """
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import torch
@@ -108,9 +109,11 @@ def soft_dtw(
     _check_same_device("D", D, x_lengths=x_lengths, y_lengths=y_lengths)
     if D.dim() != 3:
         raise ValueError(f"D must have shape (B, Lmax, Smax), got {tuple(D.shape)}")
-    if not gamma > 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    if bandwidth is not None and (not isinstance(bandwidth, int) or bandwidth < 0):
+    if not 0 < gamma < math.inf:
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
+    if bandwidth is not None and (
+        not isinstance(bandwidth, int) or isinstance(bandwidth, bool) or bandwidth < 0
+    ):
         raise ValueError(f"bandwidth must be None or an int >= 0, got {bandwidth!r}")
     if D.dtype in _HALF:
         D = D.float()
@@ -148,6 +151,8 @@ def lcmr_loss(
     """
     _check_float(speech, "speech")
     _check_float(text, "text")
+    _check_tensor(speech_lengths, "speech_lengths")
+    _check_tensor(text_lengths, "text_lengths")
     _check_same_device(
         "speech", speech, text=text, speech_lengths=speech_lengths, text_lengths=text_lengths
     )
@@ -161,8 +166,8 @@ def lcmr_loss(
             f"speech {tuple(speech.shape)} and text {tuple(text.shape)} must agree in batch "
             "size and hidden size"
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if normalize not in ("length_sum", "x_length", "none"):
         raise ValueError(
             f"normalize must be 'length_sum', 'x_length' or 'none', got {normalize!r}"
@@ -217,6 +222,8 @@ def _check_qk(q: Tensor, k: Tensor, **masks: Tensor) -> None:
         raise ValueError(
             f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, tokens and head_dim"
         )
+    if Hq < 1 or k.shape[1] < 1:
+        raise ValueError(f"q and k need at least one head each, got Hq={Hq}, Hkv={k.shape[1]}")
     if Hq % k.shape[1] != 0:
         raise ValueError(
             f"the number of query heads ({Hq}) must be a multiple of the number of kv heads "
@@ -239,7 +246,7 @@ def _check_masks(ref: Tensor, shape: tuple, **tensors: Tensor) -> None:
 def _check_keep(keep_ratio: float, min_keep: int) -> None:
     if not 0 < keep_ratio <= 1:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
-    if not isinstance(min_keep, int) or min_keep < 0:
+    if not isinstance(min_keep, int) or isinstance(min_keep, bool) or min_keep < 0:
         raise ValueError(f"min_keep must be an int >= 0, got {min_keep!r}")
 
 

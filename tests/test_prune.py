@@ -90,6 +90,12 @@ def test_context_scores_edge_cases(device):
     assert none.shape == (3, 50) and not none.any()
 
 
+def test_empty_batch(device):
+    q, k, query, context, key = attention_inputs(2, 4, 2, 20, 8, device=device)
+    assert ops.context_scores(q[:0], k[:0], query[:0], key[:0]).shape == (0, 20)
+    assert ops.prune_tokens(q[:0], k[:0], query[:0], context[:0], key[:0], 0.5).shape == (0, 20)
+
+
 def untied_scores(B, N, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(B, N, generator=g, dtype=torch.float64).to(device)
@@ -226,6 +232,14 @@ def test_errors_name_the_problem():
         ops.select_tokens(torch.rand(2, 20), context, key, 0.5, -1)
     with pytest.raises(ValueError, match=r"query heads \(4\) must be a multiple"):
         torch.ops.lyra.context_scores(q, torch.randn(2, 3, 20, 8, dtype=q.dtype), query, key, True, None)
+    with pytest.raises(ValueError, match="need at least one head each"):
+        ops.context_scores(q[:, :0], k, query, key)
+    with pytest.raises(ValueError, match="need at least one head each"):
+        ops.context_scores(q, k[:, :0], query, key)
+    with pytest.raises(ValueError, match="at least one head"):
+        torch.ops.lyra.context_scores(q[:, :0], k, query, key, True, None)
+    with pytest.raises(ValueError, match="min_keep must be an int >= 0"):
+        ops.select_tokens(torch.rand(2, 20), context, key, 0.5, True)
     with pytest.raises(ValueError, match=r"keep must be a \(B, N\) bool tensor"):
         ops.compact(key.int(), q)
     with pytest.raises(ValueError, match=r"tensors\[0\] has shape"):

@@ -122,6 +122,42 @@ def test_variable_lengths_float32(device):
     assert (g.cpu().double() - rg).abs().max().item() < 1e-4
 
 
+def test_nan_cost_propagates(device):
+    """A NaN inside the valid region (a diverging model) must show, not be soft-min'ed away."""
+    D = cost_matrix(2, 6, 5, device=device)
+    D[0, 2, 2] = float("nan")
+    x, y = torch.tensor([6, 6], device=device), torch.tensor([5, 5], device=device)
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    assert torch.isnan(v[0]) and torch.isnan(g[0]).any()
+    assert torch.isfinite(v[1]) and torch.isfinite(g[1]).all()
+    assert torch.isnan(reference.soft_dtw(D, x, y)[0])
+
+
+def test_one_sample_split_across_threads_with_band():
+    """B=1 with long diagonals: each diagonal is split between threads (the B < threads path)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        D = cost_matrix(1, 700, 650, seed=4)
+        x, y = torch.tensor([700]), torch.tensor([650])
+        for bandwidth in (None, 300):
+            v, g = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
+            av, ag = analytic(D, x, y, bandwidth=bandwidth)
+            assert rel_err(v, av) < 1e-10 and rel_err(g, ag) < 1e-8
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_value_without_stored_weights(device):
+    D = cost_matrix(3, 9, 7, device=device)
+    x, y = torch.tensor([9, 4, 1], device=device), torch.tensor([7, 7, 2], device=device)
+    with_w, w = torch.ops.lyra.soft_dtw_forward(D, x, y, 0.1, -1, True)
+    without, empty = torch.ops.lyra.soft_dtw_forward(D, x, y, 0.1, -1, False)
+    assert torch.equal(with_w, without) and empty.numel() == 0
+    with torch.no_grad():  # no weights are stored when no backward can follow
+        assert torch.equal(ops.soft_dtw(D.requires_grad_(), x, y), without)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs_are_upcast(device, dtype):
     D = cost_matrix(2, 10, 6, dtype=dtype, device=device)
@@ -213,8 +249,18 @@ def test_errors_name_the_problem():
         ops.soft_dtw(D.long(), x, y)
     with pytest.raises(ValueError, match=r"D must have shape \(B, Lmax, Smax\)"):
         ops.soft_dtw(D[0], x, y)
-    with pytest.raises(ValueError, match="gamma must be > 0"):
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
         ops.soft_dtw(D, x, y, gamma=0.0)
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        ops.soft_dtw(D, x, y, gamma=float("inf"))
+    with pytest.raises(ValueError, match="gamma must be a finite number > 0"):
+        torch.ops.lyra.soft_dtw_forward(D, x, y, float("inf"), -1, False)
+    with pytest.raises(ValueError, match="bandwidth must be None or an int"):
+        ops.soft_dtw(D, x, y, bandwidth=True)
+    with pytest.raises(TypeError, match="speech_lengths must be a torch.Tensor"):
+        ops.lcmr_loss(torch.rand(2, 4, 3), torch.rand(2, 3, 3), [4, 2], y)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        ops.lcmr_loss(torch.rand(2, 4, 3), torch.rand(2, 3, 3), x, y, temperature=0.0)
     with pytest.raises(ValueError, match="exceeds bandwidth 0"):
         ops.soft_dtw(D, x, y, bandwidth=0)
     with pytest.raises(ValueError, match="bandwidth must be None or an int"):

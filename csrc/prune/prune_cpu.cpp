@@ -21,17 +21,6 @@ namespace {
 
 constexpr int64_t kTile = 64;  // keys per tile: the logits block is rows x kTile
 
-template <typename acc_t>
-struct Problem {
-  const int64_t* query_index;
-  const int64_t* query_count;
-  int64_t Tmax;
-  const bool* key_mask;
-  int64_t Hq, Hkv, N, dh;
-  bool causal;
-  acc_t scale;
-};
-
 // Copies keys [j0, j0 + n) of one kv head into `kt` transposed (dh x kTile), so the logits of a
 // query row against the tile are a contiguous, vectorizable axpy over the head dimension.
 template <typename scalar_t, typename acc_t>

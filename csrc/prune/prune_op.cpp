@@ -52,6 +52,7 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
   check_size(k_in, 0, B, "k", "batch");
   check_size(k_in, 2, N, "k", "tokens");
   check_size(k_in, 3, dh, "k", "head_dim");
+  TORCH_CHECK_VALUE(Hq >= 1, "q needs at least one head, got Hq = 0");
   TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "the number of query heads (", Hq,
                     ") must be a multiple of the number of kv heads (", Hkv, ")");
   TORCH_CHECK_VALUE(dh >= 1, "head_dim must be >= 1");
@@ -65,11 +66,11 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
   at::Tensor q = q_in.stride(3) == 1 ? q_in : q_in.contiguous();
   at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
   const at::Tensor key_mask = key_mask_in.contiguous();
-  auto [index, counts] = query_rows(query_mask_in);
-  const int64_t Tmax = index.size(1);
   const auto out_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scores = at::empty({B, N}, q.options().dtype(out_type));
   if (B * N == 0) return scores;
+  auto [index, counts] = query_rows(query_mask_in);
+  const int64_t Tmax = index.size(1);
 
 #ifdef LYRA_CUDA_BUILD
   const c10::cuda::CUDAGuard guard(q.device());

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -21,6 +20,7 @@ namespace lyra {
 namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 // Below this many cells a diagonal is done by one thread: a barrier costs more than the work.
 constexpr int64_t kMinCellsPerThread = 256;
 
@@ -102,10 +102,12 @@ LYRA_SIMD_CLONES void forward_cells(DiagRange r, int64_t first_row,
     const M x_top = top < kInf ? exp_nonpositive(static_cast<M>((ms - top) * inv_gamma)) : M(0);
     const M s = M(1) + x_mid + x_top;
     const double rv = cost[i] + m - gamma * static_cast<double>(log_1_to_4(s));
-    cur[i] = reachable ? rv : kInf;
+    // min/max drop NaN operands, so a NaN cost upstream would silently vanish: keep it.
+    const bool nan = std::isnan(a + b + c);
+    cur[i] = nan ? kNaN : (reachable ? rv : kInf);
     if constexpr (kStore) {
       // Ties share a value, so matching by value hands each predecessor its own term.
-      const M inv_s = (reachable ? M(1) : M(0)) / s;
+      const M inv_s = nan ? M(kNaN) : (reachable ? M(1) : M(0)) / s;
       wd[i - first_row] = term_of(a, m, mid, x_mid, x_top) * inv_s;
       wu[i - first_row] = term_of(b, m, mid, x_mid, x_top) * inv_s;
       wl[i - first_row] = term_of(c, m, mid, x_mid, x_top) * inv_s;
@@ -140,7 +142,7 @@ LYRA_SIMD_CLONES void backward_cells(DiagRange r, int64_t first_row,
 
 // Writes `value` just outside a diagonal's range so the next two diagonals read it there.
 inline void set_sentinels(double* diag, DiagRange r, int64_t last, double value) {
-  if (r.lo - 1 >= 0 && r.lo - 1 <= last) diag[r.lo - 1] = value;
+  if (r.lo - 1 <= last) diag[r.lo - 1] = value;  // lo >= 1 always
   if (r.hi + 1 >= 0 && r.hi + 1 <= last) diag[r.hi + 1] = value;
 }
 

@@ -4,6 +4,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "../checks.h"
 #include "soft_dtw.h"
 
@@ -41,8 +43,10 @@ std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
                                                     const at::Tensor& y_lengths, double gamma,
                                                     int64_t bandwidth, bool store_weights) {
   check_D(D_in);
-  TORCH_CHECK_VALUE(gamma > 0, "gamma must be > 0, got ", gamma);
+  TORCH_CHECK_VALUE(gamma > 0 && std::isfinite(gamma), "gamma must be a finite number > 0, got ",
+                    gamma);
   const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
+  if (bandwidth >= Lmax + Smax) bandwidth = -1;  // a band wider than the matrix is no band
   auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
   auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
   check_band(x_host, y_host, bandwidth);
@@ -77,6 +81,10 @@ at::Tensor soft_dtw_backward(const at::Tensor& grad_in, const at::Tensor& weight
   TORCH_CHECK_VALUE(weights_in.size(3) == 3, "weights.shape[3] must be 3, got ",
                     weights_in.size(3));
   const int64_t B = weights_in.size(0), Lmax = weights_in.size(1), Smax = weights_in.size(2);
+  TORCH_CHECK_TYPE(weights_in.scalar_type() == at::kFloat || weights_in.scalar_type() == at::kDouble,
+                   "weights must be float32 or float64 (from soft_dtw_forward), got ",
+                   weights_in.scalar_type());
+  if (bandwidth >= Lmax + Smax) bandwidth = -1;  // as in the forward
   check_dim(grad_in, 1, "grad", "(B,)");
   check_size(grad_in, 0, B, "grad", "batch");
   check_same_device(grad_in, weights_in, "grad", "weights");
