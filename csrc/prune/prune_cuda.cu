@@ -17,6 +17,7 @@
 // threshold ties to the earliest tokens. NaN scores rank below every other score
 // (-inf included) and tie among themselves by token index; -0.0 and +0.0 are equal.
 #include "prune.h"
+#include "../cuda_try.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,12 +31,6 @@
 
 namespace lyra {
 namespace {
-
-#define LYRA_CUDA_TRY(expr)                         \
-  do {                                              \
-    const cudaError_t lyra_err_ = (expr);           \
-    if (lyra_err_ != cudaSuccess) return lyra_err_; \
-  } while (0)
 
 // ---------------------------------------------------------------------------------------
 // context_scores

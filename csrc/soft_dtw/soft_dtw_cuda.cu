@@ -18,6 +18,7 @@
 // Testing switch: LYRA_SOFT_DTW_GLOBAL_SCRATCH=1 forces the global-memory path even when
 // the diagonals fit in shared memory, so tests can cover it on small inputs.
 #include "soft_dtw.h"
+#include "../cuda_try.h"
 
 #include <cuda_runtime.h>
 #include <math_constants.h>
@@ -31,12 +32,6 @@ namespace {
 
 constexpr int kZeroThreads = 256;
 constexpr int kDefaultSmemBytes = 48 * 1024;  // usable without opting in
-
-#define LYRA_CUDA_TRY(expr)                         \
-  do {                                              \
-    const cudaError_t lyra_err_ = (expr);           \
-    if (lyra_err_ != cudaSuccess) return lyra_err_; \
-  } while (0)
 
 __device__ __forceinline__ bool in_band(int i, int j, int bandwidth) {
   return bandwidth < 0 || (i - j <= bandwidth && j - i <= bandwidth);
