@@ -229,18 +229,19 @@ def _check_qk(q: Tensor, k: Tensor, **masks: Tensor) -> None:
             f"the number of query heads ({Hq}) must be a multiple of the number of kv heads "
             f"({k.shape[1]})"
         )
-    _check_masks(q, (B, N), k=k, **masks)
+    _check_same_device("q", q, k=k)
+    _check_masks("q", q, (B, N), **masks)
 
 
-def _check_masks(ref: Tensor, shape: tuple, **tensors: Tensor) -> None:
-    for name, t in tensors.items():
+def _check_masks(ref_name: str, ref: Tensor, shape: tuple, **masks: Tensor) -> None:
+    """Each mask is a bool tensor of `shape` on `ref`'s device."""
+    for name, t in masks.items():
         _check_tensor(t, name)
-        if name != "k":
-            if t.dtype != torch.bool:
-                raise TypeError(f"{name} must be a bool tensor, got {t.dtype}")
-            if tuple(t.shape) != tuple(shape):
-                raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    _check_same_device("q" if "k" in tensors else "scores", ref, **tensors)
+        if t.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got {t.dtype}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    _check_same_device(ref_name, ref, **masks)
 
 
 def _check_keep(keep_ratio: float, min_keep: int) -> None:
@@ -296,7 +297,9 @@ def select_tokens(
     _check_float(scores, "scores")
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape (B, N), got {tuple(scores.shape)}")
-    _check_masks(scores, tuple(scores.shape), context_mask=context_mask, key_mask=key_mask)
+    _check_masks(
+        "scores", scores, tuple(scores.shape), context_mask=context_mask, key_mask=key_mask
+    )
     _check_keep(keep_ratio, min_keep)
     if scores.dtype in _HALF:
         scores = scores.float()

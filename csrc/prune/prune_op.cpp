@@ -27,6 +27,12 @@ void check_mask(const at::Tensor& mask, const char* name, int64_t B, int64_t N,
   check_same_device(mask, ref, name, ref_name);
 }
 
+void check_keep(double keep_ratio, int64_t min_keep) {
+  TORCH_CHECK_VALUE(keep_ratio > 0 && keep_ratio <= 1, "keep_ratio must be in (0, 1], got ",
+                    keep_ratio);
+  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+}
+
 // Positions of each sample's query rows, ascending and left-aligned: (B, Tmax), and counts (B).
 std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& query_mask) {
   const at::Tensor counts = query_mask.sum(1);
@@ -112,9 +118,7 @@ at::Tensor select_tokens(const at::Tensor& scores_in, const at::Tensor& context_
   const int64_t B = scores_in.size(0), N = scores_in.size(1);
   check_mask(context_mask_in, "context_mask", B, N, scores_in, "scores");
   check_mask(key_mask_in, "key_mask", B, N, scores_in, "scores");
-  TORCH_CHECK_VALUE(keep_ratio > 0 && keep_ratio <= 1, "keep_ratio must be in (0, 1], got ",
-                    keep_ratio);
-  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+  check_keep(keep_ratio, min_keep);
   const at::Tensor scores = scores_in.contiguous();
   const at::Tensor context_mask = context_mask_in.contiguous();
   const at::Tensor key_mask = key_mask_in.contiguous();
@@ -143,9 +147,7 @@ at::Tensor prune_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         double keep_ratio, int64_t min_keep, bool causal,
                         std::optional<double> scale) {
   // Check the selection arguments first so a bad keep_ratio fails before the heavy pass.
-  TORCH_CHECK_VALUE(keep_ratio > 0 && keep_ratio <= 1, "keep_ratio must be in (0, 1], got ",
-                    keep_ratio);
-  TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
+  check_keep(keep_ratio, min_keep);
   const at::Tensor scores = context_scores(q, k, query_mask, key_mask, causal, scale);
   return select_tokens(scores, context_mask, key_mask, keep_ratio, min_keep);
 }
