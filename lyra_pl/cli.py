@@ -10,9 +10,14 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.bench.__main__ import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["info"]:
+        from lyra_pl.model.info import main as info_main
+
+        return info_main(argv[1:])
     print(
-        "usage: lyra-pl bench kernels [options]\n\n"
-        "subcommands:\n  bench    benchmarks (see `lyra-pl bench --help`)",
+        "usage: lyra-pl {bench,info} [options]\n\n"
+        "subcommands:\n  bench    benchmarks (see `lyra-pl bench --help`)\n"
+        "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)",
         file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout,
     )
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2

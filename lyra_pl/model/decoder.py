@@ -1,0 +1,133 @@
+"""Our layer loop over transformers' Qwen2-VL decoder layers, with LMME between blocks.
+
+The layers are reused as they are (``Qwen2VLDecoderLayer``); this file only decides what they
+see: positions, masks and, after each pruning layer, the compacted token batch. Sequences are
+right-padded, so with a causal mask no real token ever attends to padding and the full-sequence
+pass needs no explicit mask under SDPA (its flash/memory-efficient kernels then apply).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from lyra_pl.model.extractor import TokenState, capture_qk, rotated_qk, select_context
+
+
+@dataclass
+class DecoderCache:
+    """A KV cache whose layers after each pruning point hold fewer tokens.
+
+    ``kv`` is a transformers :class:`DynamicCache` (one entry per layer, each its own length);
+    ``key_valid[j]`` (B, K_j) marks the real cached tokens of the layers of block ``j``
+    (pruned-away and padding slots are False), and grows by one column per decoded token.
+    """
+
+    kv: DynamicCache = field(default_factory=DynamicCache)
+    key_valid: list[Tensor] = field(default_factory=list)
+    block_of_layer: list[int] = field(default_factory=list)
+
+
+def _mask(impl: str, key_valid: Tensor | None, q_len: int, dtype: torch.dtype):
+    """The attention mask the layers get.
+
+    Full-sequence SDPA: None (causal, right padding). Decoding: (B, 1, 1, K) bool over the cached
+    keys. Eager attention takes an additive float mask, causal when ``q_len > 1``.
+    """
+    if key_valid is None and impl == "sdpa":
+        return None
+    if impl == "sdpa":
+        return key_valid[:, None, None, :]
+    K = key_valid.shape[1]
+    allowed = key_valid[:, None, None, :].expand(-1, 1, q_len, K)
+    if q_len > 1:
+        allowed = allowed & torch.ones(q_len, K, dtype=torch.bool, device=key_valid.device).tril(K - q_len)
+    return torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def run_layers(
+    llm: nn.Module,
+    state: TokenState,
+    prune_at: tuple[int, ...] = (),
+    keep_ratio: float = 1.0,
+    min_keep: int = 32,
+    cache: DecoderCache | None = None,
+) -> tuple[TokenState, list[Tensor]]:
+    """Full-sequence pass (training, evaluation, generation prefill).
+
+    Args:
+        llm: the Qwen2-VL text model; its ``layers``, ``rotary_emb`` and ``norm`` are used.
+        state: the assembled tokens; ``state.hidden`` holds the input embeddings.
+        prune_at: 0-based layers after which LMME prunes (``LyraConfig.lmme_layers()``).
+        cache: filled for generation when given.
+
+    Returns:
+        The final state (``hidden`` after the final norm, compacted if pruned) and the keep
+        mask of each pruning step (B, N_before).
+    """
+    impl = llm.config._attn_implementation
+    head_dim = llm.config.hidden_size // llm.config.num_attention_heads
+    h = state.hidden
+    cos, sin = llm.rotary_emb(h, state.positions)
+    mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
+    keeps: list[Tensor] = []
+    if cache is not None:
+        cache.key_valid = [state.valid]
+        cache.block_of_layer = []
+    for i, layer in enumerate(llm.layers):
+        prune = i in prune_at
+        with capture_qk(layer.self_attn) if prune else nullcontext() as captured:
+            h = layer(
+                h,
+                attention_mask=mask,
+                position_embeddings=(cos, sin),
+                past_key_values=None if cache is None else cache.kv,
+                use_cache=cache is not None,
+            )
+        if cache is not None:
+            cache.block_of_layer.append(len(cache.key_valid) - 1)
+        if prune:
+            q, k = rotated_qk(captured, cos, sin, head_dim)
+            keep = select_context(state, q, k, keep_ratio, min_keep)
+            keeps.append(keep)
+            state = TokenState.compact(_with_hidden(state, h), keep)
+            h = state.hidden
+            cos, sin = llm.rotary_emb(h, state.positions)
+            mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
+            if cache is not None:
+                cache.key_valid.append(state.valid)
+    return _with_hidden(state, llm.norm(h)), keeps
+
+
+def decode_step(
+    llm: nn.Module, hidden: Tensor, positions: Tensor, cache: DecoderCache
+) -> Tensor:
+    """One cached step: ``hidden`` (B, 1, H) new-token embeddings at ``positions`` (3, B, 1).
+
+    Each block's layers attend to that block's cached (possibly pruned) tokens plus the new one.
+    Returns the final-norm hidden states (B, 1, H).
+    """
+    impl = llm.config._attn_implementation
+    ones = torch.ones(hidden.shape[0], 1, dtype=torch.bool, device=hidden.device)
+    cache.key_valid = [torch.cat([kv, ones], dim=1) for kv in cache.key_valid]
+    masks = [_mask(impl, kv, 1, hidden.dtype) for kv in cache.key_valid]
+    cos, sin = llm.rotary_emb(hidden, positions)
+    h = hidden
+    for i, layer in enumerate(llm.layers):
+        h = layer(
+            h,
+            attention_mask=masks[cache.block_of_layer[i]],
+            position_embeddings=(cos, sin),
+            past_key_values=cache.kv,
+            use_cache=True,
+        )
+    return llm.norm(h)
+
+
+def _with_hidden(state: TokenState, hidden: Tensor) -> TokenState:
+    return replace(state, hidden=hidden)

@@ -1,0 +1,169 @@
+"""Loading real weights from local directories, and saving/loading our own parts.
+
+- a Qwen2-VL checkpoint (LLM + ViT), as written by ``save_pretrained`` or downloaded from the
+  hub (both key layouts: ``model.layers.*``/``visual.*`` and ``model.language_model.*``/
+  ``model.visual.*``), sharded or not;
+- a Whisper checkpoint, of which only the encoder is read;
+- our projectors and speech generator as safetensors files (LoRA adapters: :mod:`lora`).
+
+Tensors are read shard by shard with ``safetensors`` and copied into the model's parameters
+(``assign=True`` for a model built on the meta device), so no second full model is built.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+PARTS = ("speech_projector", "sound_projector", "speech_generator")
+
+
+def _shards(directory: str | Path) -> list[Path]:
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(d)!r} does not exist")
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [d / f for f in files]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {str(d)!r} (pytorch_model.bin "
+                                "checkpoints are not read: convert them to safetensors)")
+    return files
+
+
+def _config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} not found")
+    return json.loads(path.read_text())
+
+
+def _check_shapes(source: str, found: dict, expected: dict[str, object]) -> None:
+    for key, want in expected.items():
+        got = found.get(key)
+        if got is not None and got != want:
+            raise ValueError(f"{source}: config field {key!r} is {got!r} but the LyraConfig "
+                             f"expects {want!r}; build the model from a matching preset")
+
+
+def _load_mapped(
+    module: nn.Module, directory: str | Path, rename: Callable[[str], str | None], what: str,
+    allow_missing: Callable[[str], bool] = lambda k: False,
+) -> None:
+    """Copies every tensor whose key ``rename`` maps into ``module``; errors on what is left."""
+    own = module.state_dict()
+    loaded: set[str] = set()
+    for shard in _shards(directory):
+        tensors = {}
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                name = rename(key)
+                if name is None:
+                    continue
+                if name not in own:
+                    raise ValueError(f"{what}: {shard.name} has {key!r}, which maps to "
+                                     f"{name!r}, not a parameter of the model")
+                t = f.get_tensor(key)
+                if tuple(t.shape) != tuple(own[name].shape):
+                    raise ValueError(f"{what}: {key!r} has shape {tuple(t.shape)}, the model's "
+                                     f"{name!r} has {tuple(own[name].shape)}")
+                tensors[name] = t.to(own[name].dtype)
+        assign = any(p.is_meta for p in module.parameters())
+        module.load_state_dict(tensors, strict=False, assign=assign)
+        loaded |= set(tensors)
+    missing = [k for k in own if k not in loaded and not allow_missing(k)]
+    if missing:
+        raise ValueError(f"{what}: {len(missing)} tensor(s) missing from {str(directory)!r}, "
+                         f"e.g. {missing[:3]}")
+
+
+def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
+    """Qwen2-VL LLM + ViT weights into ``model.llm``, ``model.lm_head``, ``model.visual``."""
+    cfg = model.config
+    found = _config(directory)
+    text = found.get("text_config", found)
+    _check_shapes(f"{directory}/config.json", text, {
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
+    })
+    _check_shapes(f"{directory}/config.json", found.get("vision_config", {}), {
+        "depth": cfg.vision_depth, "embed_dim": cfg.vision_embed_dim,
+    })
+
+    def rename(key: str) -> str | None:
+        for prefix, target in (("model.language_model.", "llm."), ("model.visual.", "visual."),
+                               ("visual.", "visual."), ("lm_head.", "lm_head."),
+                               ("model.", "llm.")):
+            if key.startswith(prefix):
+                return target + key[len(prefix):]
+        return None
+
+    tied = cfg.tie_word_embeddings
+    parts = nn.ModuleDict({"llm": model.llm, "lm_head": model.lm_head, "visual": model.visual})
+    _load_mapped(parts, directory, rename, "Qwen2-VL checkpoint",
+                 allow_missing=lambda k: tied and k == "lm_head.weight")
+    if tied:
+        model.lm_head.weight = model.llm.embed_tokens.weight
+
+
+def load_whisper(model: nn.Module, directory: str | Path) -> None:
+    """The encoder of a Whisper checkpoint into ``model.audio_encoder.whisper``."""
+    cfg = model.config
+    _check_shapes(f"{directory}/config.json", _config(directory), {
+        "d_model": cfg.audio_dim, "encoder_layers": cfg.audio_layers,
+        "encoder_attention_heads": cfg.audio_heads, "num_mel_bins": cfg.num_mel_bins,
+    })
+
+    def rename(key: str) -> str | None:
+        for prefix in ("model.encoder.", "encoder."):
+            if key.startswith(prefix):
+                return key[len(prefix):]
+        return None
+
+    _load_mapped(model.audio_encoder.whisper, directory, rename, "Whisper checkpoint")
+
+
+def save_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] = PARTS) -> None:
+    """Our trained parts, one safetensors file each (``<part>.safetensors``)."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, part).state_dict().items()}
+        save_file(state, str(d / f"{part}.safetensors"), metadata={"lyra_part": part})
+
+
+def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] | None = None) -> list[str]:
+    """Loads the ``<part>.safetensors`` files found in ``directory`` (or exactly ``parts``)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"directory {str(d)!r} does not exist")
+    names = parts if parts is not None else tuple(p for p in PARTS if (d / f"{p}.safetensors").exists())
+    if not names:
+        raise FileNotFoundError(f"no part files ({', '.join(p + '.safetensors' for p in PARTS)}) "
+                                f"in {str(d)!r}")
+    for part in names:
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; parts are {PARTS}")
+        path = d / f"{part}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} not found")
+        module = getattr(model, part)
+        own = module.state_dict()
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        bad = [k for k in state if k not in own or state[k].shape != own[k].shape]
+        missing = [k for k in own if k not in state]
+        if bad or missing:
+            raise ValueError(f"{path.name} does not fit the model's {part}: unexpected or "
+                             f"mis-shaped {bad[:3]}, missing {missing[:3]}")
+        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()},
+                               assign=any(p.is_meta for p in module.parameters()))
+    return list(names)

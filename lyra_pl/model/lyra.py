@@ -1,0 +1,220 @@
+"""`LyraModel`: the encoders, projectors, Qwen2-VL decoder with LMME, LCMR and the speech
+generator, as one plain ``nn.Module`` (no Lightning, nothing distributed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+    Qwen2VisionTransformerPretrainedModel,
+    Qwen2VLTextModel,
+)
+
+from lyra_pl.model import lora
+from lyra_pl.model.assemble import IGNORE, IMAGE, SOUND, SPEECH, VIDEO, Assembled, Media, assemble
+from lyra_pl.model.config import LyraConfig
+from lyra_pl.model.decoder import DecoderCache, run_layers
+from lyra_pl.model.encoders import AudioEncoder
+from lyra_pl.model.extractor import TokenState
+from lyra_pl.model.inputs import LyraInputs
+from lyra_pl.model.lcmr import lcmr_term, pad_sequences
+from lyra_pl.model.projectors import SoundProjector, SpeechProjector
+from lyra_pl.model.speech_generator import SpeechGenerator
+
+
+@dataclass
+class LyraOutput:
+    """What a forward pass returns.
+
+    loss = ce_loss + lcmr_weight * lcmr_loss (the parts are returned for logging; a part is None
+    when the batch has nothing for it). ``state`` is the final token batch (after LMME), its
+    ``hidden`` the final-norm hidden states; ``keeps`` the keep mask of each pruning step.
+    """
+
+    loss: Tensor | None
+    ce_loss: Tensor | None
+    lcmr_loss: Tensor | None
+    logits: Tensor | None
+    state: TokenState
+    keeps: list[Tensor] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
+
+
+class LyraModel(nn.Module):
+    """Lyra: Qwen2-VL (decoder + ViT), a frozen Whisper encoder with the speech and sound
+    projectors, and the CTC speech generator. Built from a :class:`LyraConfig`; use
+    ``torch.device("meta")`` to build any preset in seconds.
+    """
+
+    def __init__(self, config: LyraConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.llm = Qwen2VLTextModel(config.text_config())
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight
+        self.visual = Qwen2VisionTransformerPretrainedModel(config.vision_config())
+        self.audio_encoder = AudioEncoder(config.whisper_config(), config.audio_window_batch)
+        self.speech_projector = SpeechProjector(
+            config.audio_dim, config.hidden_size, config.speech_downsample,
+            config.speech_projector_hidden,
+        )
+        self.sound_projector = SoundProjector(
+            config.audio_dim, config.hidden_size, config.sound_tokens,
+            config.sound_projector_hidden,
+        )
+        self.speech_generator = SpeechGenerator(
+            llm_hidden=config.hidden_size,
+            hidden=config.generator_hidden,
+            num_layers=config.generator_layers,
+            num_heads=config.generator_heads,
+            num_kv_heads=config.generator_kv_heads,
+            intermediate=config.generator_intermediate,
+            upsample=config.generator_upsample,
+            n_units=config.n_units,
+            rms_norm_eps=config.rms_norm_eps,
+        )
+        self.audio_encoder.requires_grad_(False)  # Whisper stays frozen in every stage
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        config: LyraConfig,
+        qwen2vl: str | None = None,
+        whisper: str | None = None,
+        parts: str | None = None,
+        adapters: tuple[str, ...] = (),
+    ) -> "LyraModel":
+        """Builds the model and loads local checkpoints: a Qwen2-VL directory (LLM + ViT), a
+        Whisper directory (encoder), a directory of our saved parts, and LoRA adapter
+        directories (peft format). Anything not given keeps its initialization."""
+        from lyra_pl.model import loading
+
+        model = cls(config)
+        if qwen2vl is not None:
+            loading.load_qwen2vl(model, qwen2vl)
+        if whisper is not None:
+            loading.load_whisper(model, whisper)
+        if parts is not None:
+            loading.load_parts(model, parts)
+        for directory in adapters:
+            lora.load_adapter(model.llm, directory)
+        return model
+
+    # ------------------------------------------------------------------ parts
+    def components(self) -> dict[str, nn.Module]:
+        """The named parts, in a fixed order (parameter counts, freezing, saving)."""
+        return {
+            "llm": self.llm,
+            "lm_head": self.lm_head,
+            "vision": self.visual,
+            "audio_encoder": self.audio_encoder,
+            "speech_projector": self.speech_projector,
+            "sound_projector": self.sound_projector,
+            "speech_generator": self.speech_generator,
+        }
+
+    def adapters_for(self, inputs: LyraInputs) -> list[str]:
+        """The LoRA adapters a batch uses (multi-modality LoRA): chosen from its modalities."""
+        return lora.select_adapters(inputs.modalities(), lora.adapter_names(self.llm))
+
+    # ------------------------------------------------------------------ encoding
+    def encode_media(self, inputs: LyraInputs) -> dict[int, Media]:
+        """Runs each encoder once for all items of the batch."""
+        media: dict[int, Media] = {}
+        merge = self.config.spatial_merge_size
+        for m, pix, grid in (
+            (IMAGE, inputs.pixel_values, inputs.image_grid_thw),
+            (VIDEO, inputs.pixel_values_videos, inputs.video_grid_thw),
+        ):
+            if pix is None:
+                continue
+            if bool((grid[:, 1:] % merge != 0).any()):
+                bad = int((grid[:, 1:] % merge != 0).any(1).nonzero()[0])
+                raise ValueError(f"{'image' if m == IMAGE else 'video'} {bad}: grid "
+                                 f"{grid[bad].tolist()} is not a multiple of the {merge}x{merge} merge")
+            dtype = self.visual.patch_embed.proj.weight.dtype
+            tokens = self.visual(pix.to(dtype), grid_thw=grid).pooler_output
+            llm_grid = grid // torch.tensor([1, merge, merge], device=grid.device)
+            media[m] = Media(tokens, llm_grid.prod(1), llm_grid)
+        if inputs.speech is not None:
+            tokens, counts = self.audio_encoder.speech(inputs.speech, self.speech_projector)
+            media[SPEECH] = Media(tokens, counts)
+        if inputs.sound is not None:
+            tokens, counts = self.audio_encoder.sound(inputs.sound, self.sound_projector)
+            media[SOUND] = Media(tokens, counts)
+        return media
+
+    def prepare(self, inputs: LyraInputs) -> tuple[Assembled, dict[int, Media]]:
+        """Encodes the media and assembles the decoder's input batch."""
+        ids = inputs.input_ids
+        if bool(((ids < 0) | (ids >= self.config.vocab_size)).any()):
+            b = int(((ids < 0) | (ids >= self.config.vocab_size)).any(1).nonzero()[0])
+            raise ValueError(f"sample {b}: token ids outside the vocabulary "
+                             f"[0, {self.config.vocab_size})")
+        media = self.encode_media(inputs)
+        embeds = self.llm.embed_tokens(ids)
+        assembled = assemble(
+            ids, inputs.lengths, inputs.labels, embeds, media, self.config.placeholder_ids,
+            inputs.media_counts,
+        )
+        return assembled, media
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        inputs: LyraInputs,
+        return_logits: bool = False,
+        adapters: list[str] | None = None,
+        cache: DecoderCache | None = None,
+    ) -> LyraOutput:
+        """Training/evaluation pass. CE is computed only at positions with a target (the
+        surviving answer tokens), so the (B, N, vocab) logits are built only when asked for."""
+        cfg = self.config
+        adapters = self.adapters_for(inputs) if adapters is None else adapters
+        if lora.adapter_names(self.llm):
+            lora.set_active_adapters(self.llm, adapters)
+        assembled, media = self.prepare(inputs)
+        state, keeps = run_layers(
+            self.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(),
+            cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache,
+        )
+        logits = self.lm_head(state.hidden) if return_logits else None
+        has_target = state.targets != IGNORE
+        ce = None
+        if bool(has_target.any()):
+            target_logits = self.lm_head(state.hidden[has_target])
+            ce = F.cross_entropy(target_logits.float(), state.targets[has_target])
+        lcmr = None
+        if inputs.transcript_ids is not None and SPEECH in media and cfg.lcmr_weight > 0:
+            lcmr = lcmr_term(
+                media[SPEECH].tokens, media[SPEECH].counts, inputs.transcript_ids,
+                inputs.transcript_lengths, self.llm.embed_tokens, cfg.lcmr_gamma,
+                cfg.lcmr_temperature, cfg.lcmr_normalize,
+            )
+        parts = [x for x in (ce, None if lcmr is None else cfg.lcmr_weight * lcmr) if x is not None]
+        loss = sum(parts) if parts else None
+        return LyraOutput(loss, ce, lcmr, logits, state, keeps, adapters)
+
+    def speech_generator_loss(
+        self, state: TokenState, units: Tensor, unit_lengths: Tensor
+    ) -> Tensor:
+        """CTC loss of the speech generator on the LLM's final hidden states at the answer
+        tokens of each sample (stage 4), against its unit targets (B, U) / (B,)."""
+        counts = state.answer.sum(1)
+        missing = (counts == 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"sample {missing[0]}: no answer tokens to generate speech from")
+        hidden = pad_sequences(state.hidden[state.answer], counts)
+        return self.speech_generator.loss(hidden, counts, units, unit_lengths)
+
+    @torch.no_grad()
+    def generate(self, inputs: LyraInputs, **kwargs):
+        """Text (and, with ``speech=True``, streaming speech units); see
+        :func:`lyra_pl.model.generate.generate`."""
+        from lyra_pl.model.generate import generate
+
+        return generate(self, inputs, **kwargs)
