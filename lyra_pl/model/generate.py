@@ -112,9 +112,12 @@ def generate(
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated per sample
-    eos_ids = torch.as_tensor(eos, device=device)
+    eos_ids = torch.as_tensor(eos, dtype=torch.long, device=device)
+    # Placeholders stand for media inputs; the model must never produce one.
+    banned = torch.tensor(list(cfg.placeholder_ids.values()), device=device)
     for step in range(max_new_tokens):
         logits = model.lm_head(last).float()
+        logits[:, banned] = float("-inf")
         if do_sample:
             logits = warpers(out, logits)
             token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)

@@ -97,8 +97,17 @@ def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
     _check_shapes(f"{directory}/config.json", found.get("vision_config", {}), {
         "depth": cfg.vision_depth, "embed_dim": cfg.vision_embed_dim,
     })
+    # A tied model has one tensor for embeddings and lm_head: loading an untied checkpoint
+    # into it would silently overwrite the embeddings with the lm_head.
+    _check_shapes(f"{directory}/config.json",
+                  {"tie_word_embeddings": found.get("tie_word_embeddings",
+                                                    text.get("tie_word_embeddings"))},
+                  {"tie_word_embeddings": cfg.tie_word_embeddings})
+    tied = cfg.tie_word_embeddings
 
     def rename(key: str) -> str | None:
+        if tied and key.startswith("lm_head."):
+            return None  # the same tensor as the embeddings
         for prefix, target in (("model.language_model.", "llm."), ("model.visual.", "visual."),
                                ("visual.", "visual."), ("lm_head.", "lm_head."),
                                ("model.", "llm.")):
@@ -106,12 +115,12 @@ def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
                 return target + key[len(prefix):]
         return None
 
-    tied = cfg.tie_word_embeddings
     parts = nn.ModuleDict({"llm": model.llm, "lm_head": model.lm_head, "visual": model.visual})
     _load_mapped(parts, directory, rename, "Qwen2-VL checkpoint",
                  allow_missing=lambda k: tied and k == "lm_head.weight")
     if tied:
         model.lm_head.weight = model.llm.embed_tokens.weight
+    _init_buffers(model)
 
 
 def load_whisper(model: nn.Module, directory: str | Path) -> None:
@@ -129,6 +138,7 @@ def load_whisper(model: nn.Module, directory: str | Path) -> None:
         return None
 
     _load_mapped(model.audio_encoder.whisper, directory, rename, "Whisper checkpoint")
+    _init_buffers(model)
 
 
 def save_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] = PARTS) -> None:
@@ -166,4 +176,12 @@ def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] |
                              f"mis-shaped {bad[:3]}, missing {missing[:3]}")
         module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()},
                                assign=any(p.is_meta for p in module.parameters()))
+    _init_buffers(model)
     return list(names)
+
+
+def _init_buffers(model: nn.Module) -> None:
+    # Checkpoints do not hold the rotary tables (non-persistent buffers): a model built on the
+    # meta device and loaded with assign=True gets them rebuilt here.
+    if hasattr(model, "init_buffers") and any(b.is_meta for b in model.buffers()):
+        model.init_buffers()

@@ -104,6 +104,19 @@ class LyraModel(nn.Module):
             lora.load_adapter(model.llm, directory)
         return model
 
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """Rebuilds the rotary tables, the only buffers, which checkpoints do not hold: needed
+        after building on the meta device and loading (``assign=True``) or ``to_empty``.
+        ``device``: default, the device of the input embeddings (CPU while they are meta)."""
+        if device is None:
+            weight = self.llm.embed_tokens.weight
+            device = "cpu" if weight.is_meta else weight.device
+        with torch.device(device):
+            self.llm.rotary_emb = type(self.llm.rotary_emb)(self.llm.config)
+            self.visual.rotary_pos_emb = type(self.visual.rotary_pos_emb)(self.visual.config)
+            gen = self.speech_generator
+            gen.rotary_emb = type(gen.rotary_emb)(gen.config)
+
     # ------------------------------------------------------------------ parts
     def components(self) -> dict[str, nn.Module]:
         """The named parts, in a fixed order (parameter counts, freezing, saving)."""
