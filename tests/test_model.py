@@ -412,3 +412,26 @@ def test_collate_builds_a_batch_the_model_runs():
     assert batch.media_counts.tolist() == [[1, 0, 0, 0], [0, 0, 1, 0]]
     out = build(cfg)(batch)
     assert torch.isfinite(out.loss) and out.lcmr_loss is not None
+
+
+def test_stop_strings_with_a_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = _double(build(tiny()))
+    n = model.config.vocab_size
+    backend = Tokenizer(models.WordLevel({f"<{i}>": i for i in range(n)} | {"abcdef": n}, "<0>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.Fuse()  # token strings concatenate: "<150><33>"
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    batch, _ = _prompts()
+    free = model.generate(batch, max_new_tokens=6, eos_token_ids=[])
+    row = free.tokens[2]
+    # A stop string spanning the end of one token and the start of the next.
+    text = f"{row[1]}><{row[2]}"
+    out = model.generate(batch, max_new_tokens=6, eos_token_ids=[], stop_strings=[text],
+                         tokenizer=tok)
+    ends = next(i for i in range(2, 7) if row[i - 2:i] == row[1:3])
+    assert out.tokens[2] == row[:ends]
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(batch, max_new_tokens=2, stop_strings=["x"])
