@@ -230,22 +230,6 @@ def test_speech_gradients_reach_projector_not_whisper(speech_clips):
     assert all(p.grad is None for p in encoder.whisper.parameters())
 
 
-def test_speech_two_hours_gives_72000_tokens():
-    """240 windows, encoded 4 at a time: memory stays bounded by the chunk, not the audio."""
-    encoder = frozen_encoder(torch.float32, window_batch=4)
-    projector = SpeechProjector(D, OUT, hidden=32)
-    clip = torch.randn(2 * 3600 * SAMPLE_RATE, generator=torch.Generator().manual_seed(0)) * 0.01
-    batch = AudioBatch.from_list([clip])
-    assert batch.waveforms.data_ptr() == clip.data_ptr()  # no copy of the 460 MB clip
-    started = time.perf_counter()
-    with torch.no_grad():
-        tokens, counts = encoder.speech(batch, projector)
-    elapsed = time.perf_counter() - started
-    assert counts.tolist() == [72000] and tokens.shape == (72000, OUT)
-    assert torch.isfinite(tokens).all()
-    print(f"2-hour clip: 240 windows encoded in {elapsed:.1f} s")
-
-
 def test_speech_rejects_mismatched_projector(encoder):
     with pytest.raises(ValueError, match="downsample=5"):
         projector = SpeechProjector(D, OUT, downsample=4, hidden=8)
