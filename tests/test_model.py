@@ -435,3 +435,41 @@ def test_stop_strings_with_a_tokenizer():
     assert out.tokens[2] == row[:ends]
     with pytest.raises(ValueError, match="tokenizer"):
         model.generate(batch, max_new_tokens=2, stop_strings=["x"])
+
+
+def test_review_regressions():
+    """Cases a review found: adapters must not leak between generate calls, a reused cache
+    starts over, the last prompt token survives pruning, B == N == 3 compacts positions
+    correctly, padding ids are ignored."""
+    cfg = tiny(lmme_blocks=2, lmme_keep_ratio=0.3, lmme_min_keep=0)
+    model = _double(build(cfg))
+    pix, grid = images([[1, 8, 8]], dtype=torch.float64)
+    ends_with_image = LyraInputs(torch.tensor([[5, 6, 7, IMG]]), pixel_values=pix,
+                                 image_grid_thw=grid)
+    out = model(ends_with_image)
+    assert out.state.index[0, int(out.state.lengths[0]) - 1] == 3 + 16 - 1
+
+    pix3, grid3 = images([[1, 2, 2]] * 3, dtype=torch.float64)
+    three = LyraInputs(torch.tensor([[IMG, 5, 6]] * 3), pixel_values=pix3, image_grid_thw=grid3)
+    out = model(three)  # B = 3 samples of N = 3 tokens
+    assert out.state.positions.shape[:2] == (3, 3)
+
+    text = LyraInputs(torch.tensor([[5, 6, 7, -1]]), torch.tensor([3]))  # -1 padding is ignored
+    plain = model.generate(text, max_new_tokens=5, eos_token_ids=[]).tokens
+    lora.add_adapter(model.llm, "speech", lora.LoraSpec(r=4, alpha=8))
+    for name, p in model.llm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    speech = LyraInputs(torch.tensor([[SPEECH, 5]]),
+                        speech=AudioBatch.from_list([torch.randn(16000) * 0.1]))
+    model.generate(speech, max_new_tokens=2)
+    assert model.generate(text, max_new_tokens=5, eos_token_ids=[]).tokens == plain
+
+    from lyra_pl.model.decoder import DecoderCache
+
+    cache = DecoderCache()
+    with torch.no_grad():
+        model(speech, cache=cache)
+        reused = model(three, cache=cache, return_logits=True).logits
+        fresh = model(three, return_logits=True).logits
+    torch.testing.assert_close(reused, fresh)

@@ -141,6 +141,7 @@ def assemble(
     item = torch.zeros_like(flat_mod)
     reps = (flat_mod == TEXT).long()  # tokens each input token expands to
     grid_in = torch.zeros(B * T, 3, dtype=torch.long, device=device)
+    media = {m: x for m, x in media.items() if len(x.counts)}
     for m, x in media.items():
         is_m = flat_mod == m
         rank = torch.cumsum(is_m, 0) - 1
@@ -204,8 +205,10 @@ def assemble(
     answer = label_exp != IGNORE
     targets = torch.cat([label_exp[:, 1:], label_exp.new_full((B, 1), IGNORE)], dim=1)
     is_media = valid & (modality != TEXT)
-    # A media token that is the input of a target (one just before an answer) is never pruned.
-    context = is_media & (targets == IGNORE)
+    # Never pruned: a media token that is the input of a target (one just before an answer),
+    # and each sample's last token, from which generation continues.
+    last = torch.arange(N, device=device) == (out_lengths - 1)[:, None]
+    context = is_media & (targets == IGNORE) & ~last
     instruction = valid & (modality == TEXT) & ~answer & (torch.cumsum(is_media, 1) > 0)
     return Assembled(embeds, positions, out_lengths, valid, modality, targets, answer, context,
                      instruction, next_position)

@@ -77,6 +77,7 @@ def run_layers(
     mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
     keeps: list[Tensor] = []
     if cache is not None:
+        cache.kv = DynamicCache()  # a full pass starts a new sequence: never attend to old keys
         cache.key_valid = [state.valid]
         cache.block_of_layer = []
     for i, layer in enumerate(llm.layers):

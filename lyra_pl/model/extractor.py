@@ -54,9 +54,12 @@ class TokenState:
         """Keeps the tokens where ``keep`` (B, N) is True, left-aligned and right-padded."""
         pads = {"modality": PAD, "targets": IGNORE, "index": -1}
         names = [f.name for f in fields(self)]
-        out = ops.compact(keep, *(getattr(self, n) for n in names),
-                          pad_value=[pads.get(n, 0) for n in names])
-        return replace(self, **dict(zip(names, out[:-1])))
+        # Positions go as (B, N, 3): a (3, B, N) tensor is ambiguous to compact when B == N == 3.
+        tensors = [self.positions.permute(1, 2, 0) if n == "positions" else getattr(self, n)
+                   for n in names]
+        out = dict(zip(names, ops.compact(keep, *tensors, pad_value=[pads.get(n, 0) for n in names])))
+        out["positions"] = out["positions"].permute(2, 0, 1)
+        return replace(self, **out)
 
 
 @contextmanager

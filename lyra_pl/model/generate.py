@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from lyra_pl.model import lora
 from lyra_pl.model.decoder import DecoderCache, decode_step, run_layers
 from lyra_pl.model.extractor import TokenState
 from lyra_pl.model.inputs import LyraInputs
@@ -92,10 +93,9 @@ def generate(
     warpers = _warpers(temperature, top_k, top_p) if do_sample else None
     string_stop = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
 
-    if lora_names := model.adapters_for(inputs):
-        from lyra_pl.model import lora
-
-        lora.set_active_adapters(model.llm, lora_names)
+    if lora.adapter_names(model.llm):
+        # Always set, also to none: a previous batch's adapter must not leak into this one.
+        lora.set_active_adapters(model.llm, model.adapters_for(inputs))
     assembled, _ = model.prepare(inputs)
     cache = DecoderCache()
     state, keeps = run_layers(

@@ -31,6 +31,8 @@ def _shards(directory: str | Path) -> list[Path]:
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [d / f for f in files]
+    if (d / "model.safetensors").exists():  # hub repos may add e.g. model.fp32-*.safetensors
+        return [d / "model.safetensors"]
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {str(d)!r} (pytorch_model.bin "
@@ -108,6 +110,8 @@ def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
     def rename(key: str) -> str | None:
         if tied and key.startswith("lm_head."):
             return None  # the same tensor as the embeddings
+        if key.endswith("rotary_emb.inv_freq"):
+            return None  # old checkpoints saved the rotary table; it is rebuilt, not loaded
         for prefix, target in (("model.language_model.", "llm."), ("model.visual.", "visual."),
                                ("visual.", "visual."), ("lm_head.", "lm_head."),
                                ("model.", "llm.")):

@@ -87,13 +87,24 @@ class LyraModel(nn.Module):
         whisper: str | None = None,
         parts: str | None = None,
         adapters: tuple[str, ...] = (),
+        dtype: torch.dtype | None = None,
     ) -> "LyraModel":
-        """Builds the model and loads local checkpoints: a Qwen2-VL directory (LLM + ViT), a
-        Whisper directory (encoder), a directory of our saved parts, and LoRA adapter
-        directories (peft format). Anything not given keeps its initialization."""
+        """Builds the model on CPU (in ``dtype``, default float32) and loads local checkpoints:
+        a Qwen2-VL directory (LLM + ViT), a Whisper directory (encoder), a directory of our
+        saved parts, and LoRA adapter directories (peft format). Anything not given keeps its
+        random initialization.
+
+        The whole model is materialized on CPU first (Base: ~18 GB in bf16). For sharded
+        training of large presets, build on the meta device and use the functions of
+        :mod:`lyra_pl.model.loading`, which assign the loaded tensors."""
         from lyra_pl.model import loading
 
-        model = cls(config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or previous)
+        try:
+            model = cls(config)
+        finally:
+            torch.set_default_dtype(previous)
         if qwen2vl is not None:
             loading.load_qwen2vl(model, qwen2vl)
         if whisper is not None:
@@ -163,7 +174,8 @@ class LyraModel(nn.Module):
 
     def prepare(self, inputs: LyraInputs) -> tuple[Assembled, dict[int, Media]]:
         """Encodes the media and assembles the decoder's input batch."""
-        ids = inputs.input_ids
+        valid = torch.arange(inputs.input_ids.shape[1], device=inputs.input_ids.device) < inputs.lengths[:, None]
+        ids = inputs.input_ids.masked_fill(~valid, self.config.pad_token_id)  # padding is ignored
         if bool(((ids < 0) | (ids >= self.config.vocab_size)).any()):
             b = int(((ids < 0) | (ids >= self.config.vocab_size)).any(1).nonzero()[0])
             raise ValueError(f"sample {b}: token ids outside the vocabulary "
