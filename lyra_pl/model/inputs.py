@@ -143,7 +143,9 @@ def collate(
     against its media and each media item itself (errors name the sample and the item).
 
     ``image_processor`` / ``video_processor``: transformers' ``Qwen2VLImageProcessor`` /
-    ``Qwen2VLVideoProcessor`` (needed only when samples have images / videos).
+    ``Qwen2VLVideoProcessor`` (needed only when samples have images / videos; the video
+    processor needs torchvision installed, or pass pre-processed ``pixel_values_videos`` and
+    ``video_grid_thw`` to :class:`LyraInputs` directly).
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
