@@ -473,3 +473,20 @@ def test_review_regressions():
         reused = model(three, cache=cache, return_logits=True).logits
         fresh = model(three, return_logits=True).logits
     torch.testing.assert_close(reused, fresh)
+
+
+def test_bfloat16_training_and_generation():
+    model = build(tiny(lmme_blocks=2, lmme_keep_ratio=0.5, lmme_min_keep=2), dtype=torch.bfloat16)
+    batch, _ = _prompts()
+    labels = torch.full_like(batch.input_ids, IGNORE)
+    labels[0, 6:8] = batch.input_ids[0, 6:8]
+    labels[2, 6:8] = batch.input_ids[2, 6:8]
+    batch.labels = labels
+    batch.transcript_ids, batch.transcript_lengths = torch.tensor([[11, 12, 13]]), torch.tensor([3])
+    out = model.train()(batch)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.lcmr_loss is not None and torch.isfinite(out.lcmr_loss)
+    out.loss.backward()
+    assert model.speech_projector.linear1.weight.grad.abs().sum() > 0
+    gen = model.eval().generate(batch, max_new_tokens=3, speech=True)
+    assert all(len(t) == 3 for t in gen.tokens) and len(gen.units) == 3
