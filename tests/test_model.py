@@ -326,12 +326,15 @@ def test_speech_generator_trains_on_answer_hidden_states():
     labels = torch.full_like(ids, IGNORE)
     labels[0, 3:] = ids[0, 3:]
     labels[1, 4:5] = ids[1, 4:5]
-    out = model(LyraInputs(ids, torch.tensor([6, 5]), labels=labels))
     units = torch.tensor([[3, 4, 5, 6], [7, 8, 0, 0]])
-    loss = model.speech_generator_loss(out.state, units, torch.tensor([4, 2]))
+    out = model(LyraInputs(ids, torch.tensor([6, 5]), labels=labels), units=units,
+                unit_lengths=torch.tensor([4, 2]))
+    loss = out.generator_loss
+    torch.testing.assert_close(loss, model.speech_generator_loss(out.state, units, torch.tensor([4, 2])))
     assert torch.isfinite(loss)
     loss.backward()
     assert model.speech_generator.input_proj.weight.grad.abs().sum() > 0
+    assert model.llm.layers[0].mlp.up_proj.weight.grad is None  # LLM untouched by CTC
 
 
 def test_sound_input_runs():

@@ -29,7 +29,8 @@ class LyraOutput:
     """What a forward pass returns.
 
     loss = ce_loss + lcmr_weight * lcmr_loss (the parts are returned for logging; a part is None
-    when the batch has nothing for it). ``state`` is the final token batch (after LMME), its
+    when the batch has nothing for it). ``generator_loss``: the speech generator's CTC loss
+    (stage 4), when unit targets were given; not part of ``loss``. ``state`` is the final token batch (after LMME), its
     ``hidden`` the final-norm hidden states; ``keeps`` the keep mask of each pruning step.
     """
 
@@ -38,6 +39,7 @@ class LyraOutput:
     lcmr_loss: Tensor | None
     logits: Tensor | None
     state: TokenState
+    generator_loss: Tensor | None = None
     keeps: list[Tensor] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
 
@@ -195,9 +197,13 @@ class LyraModel(nn.Module):
         return_logits: bool = False,
         adapters: list[str] | None = None,
         cache: DecoderCache | None = None,
+        units: Tensor | None = None,
+        unit_lengths: Tensor | None = None,
     ) -> LyraOutput:
         """Training/evaluation pass. CE is computed only at positions with a target (the
-        surviving answer tokens), so the (B, N, vocab) logits are built only when asked for."""
+        surviving answer tokens), so the (B, N, vocab) logits are built only when asked for.
+        ``units`` / ``unit_lengths`` (B, U) / (B,): speech unit targets; the generator's loss is
+        computed here, inside forward, so that it also works under FSDP."""
         cfg = self.config
         adapters = self.adapters_for(inputs) if adapters is None else adapters
         if lora.adapter_names(self.llm):
@@ -222,7 +228,12 @@ class LyraModel(nn.Module):
             )
         parts = [x for x in (ce, None if lcmr is None else cfg.lcmr_weight * lcmr) if x is not None]
         loss = sum(parts) if parts else None
-        return LyraOutput(loss, ce, lcmr, logits, state, keeps, adapters)
+        generator = None
+        if units is not None:
+            if unit_lengths is None:
+                raise ValueError("units need unit_lengths")
+            generator = self.speech_generator_loss(state, units, unit_lengths)
+        return LyraOutput(loss, ce, lcmr, logits, state, generator, keeps, adapters)
 
     def speech_generator_loss(
         self, state: TokenState, units: Tensor, unit_lengths: Tensor
@@ -233,7 +244,8 @@ class LyraModel(nn.Module):
         missing = (counts == 0).nonzero().flatten().tolist()
         if missing:
             raise ValueError(f"sample {missing[0]}: no answer tokens to generate speech from")
-        hidden = pad_sequences(state.hidden[state.answer], counts)
+        # The generator learns from the LLM, never the other way round.
+        hidden = pad_sequences(state.hidden[state.answer].detach(), counts)
         return self.speech_generator.loss(hidden, counts, units, unit_lengths)
 
     @torch.no_grad()

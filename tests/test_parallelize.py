@@ -1,0 +1,102 @@
+"""FSDP2 on CPU: two gloo processes shard the tiny model and reproduce the single-process loss
+and gradients (PLATFORM.md: FSDP2 works on CPU with gloo)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lyra_pl import LyraConfig, LyraInputs, LyraModel
+from lyra_pl.model.assemble import IGNORE
+from lyra_pl.model.audio import AudioBatch
+from lyra_pl.training.parallelize import parallelize
+
+IMG, SPEECH = 500, 502
+
+
+def _batch() -> LyraInputs:
+    g = torch.Generator().manual_seed(1)
+    grid = torch.tensor([[1, 4, 4]])
+    ids = torch.tensor([[5, IMG, 6, 7, 8, 9], [SPEECH, 10, 11, 12, 13, 0]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 4:] = ids[0, 4:]
+    labels[1, 3:5] = ids[1, 3:5]
+    return LyraInputs(
+        ids, torch.tensor([6, 5]), labels=labels,
+        pixel_values=torch.randn(16, 3 * 2 * 14 * 14, generator=g), image_grid_thw=grid,
+        speech=AudioBatch.from_list([torch.randn(16000, generator=g) * 0.1]),
+        transcript_ids=torch.tensor([[20, 21, 22]]), transcript_lengths=torch.tensor([3]),
+    )
+
+
+def _worker(rank: int, port: int, checkpointing: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        cfg = LyraConfig.from_preset("tiny", lmme_blocks=2, lmme_keep_ratio=0.5, lmme_min_keep=2)
+        model = LyraModel(cfg).train()
+        batch = _batch()
+        ref = model(batch)
+        ref.loss.backward()
+        names = ["llm.layers.0.self_attn.q_proj.weight", "speech_projector.linear1.weight",
+                 "visual.blocks.0.mlp.fc1.weight", "llm.embed_tokens.weight"]
+        params = dict(model.named_parameters())
+        ref_grads = {n: params[n].grad.clone() for n in names}
+        model.zero_grad(set_to_none=True)
+        total = sum(p.numel() for p in model.parameters())
+
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2,))
+        parallelize(model, mesh, activation_checkpointing=checkpointing, param_dtype=None,
+                    reduce_dtype=None)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        assert 0.45 * total <= local <= 0.55 * total, (local, total)
+        out = model(batch)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out.lcmr_loss, ref.lcmr_loss, rtol=1e-5, atol=1e-6)
+        out.loss.backward()
+        params = dict(model.named_parameters())
+        for n in names:
+            torch.testing.assert_close(params[n].grad.full_tensor(), ref_grads[n],
+                                       rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fsdp2_two_processes_match_one(checkpointing):
+    mp.spawn(_worker, args=(_free_port(), checkpointing), nprocs=2, join=True)
+
+
+def _saved_bytes(model) -> int:
+    """Bytes autograd keeps for backward during one forward pass."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(_batch()).loss.backward()
+    return sum(saved)
+
+
+def test_no_mesh_is_single_process_and_checkpointing_saves_memory():
+    torch.manual_seed(0)
+    plain = LyraModel(LyraConfig.from_preset("tiny")).train()
+    before = _saved_bytes(plain)
+    assert parallelize(plain, None, activation_checkpointing=True) is plain
+    after = _saved_bytes(plain)
+    assert after < 0.7 * before, (after, before)
