@@ -1,0 +1,1 @@
+"""Data: chat template and label spans, tokenizers, shards and the datamodule."""
