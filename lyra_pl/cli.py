@@ -14,10 +14,15 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.model.info import main as info_main
 
         return info_main(argv[1:])
+    if argv[:1] == ["plan"]:
+        from lyra_pl.training.plan import main as plan_main
+
+        return plan_main(argv[1:])
     print(
-        "usage: lyra-pl {bench,info} [options]\n\n"
+        "usage: lyra-pl {bench,info,plan} [options]\n\n"
         "subcommands:\n  bench    benchmarks (see `lyra-pl bench --help`)\n"
-        "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)",
+        "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)\n"
+        "  plan     per-GPU memory estimate (`lyra-pl plan --preset pro --nodes 4 [--json]`)",
         file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout,
     )
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2

@@ -1,0 +1,417 @@
+"""Per-GPU memory ESTIMATE for a training stage (parameters, gradients, optimizer, activations).
+
+``lyra-pl plan --preset pro --nodes 4 --gpus-per-node 8 --seq-len 8192 [--stage 2] [--json]``
+
+Arithmetic only: nothing is allocated or measured. The model it assumes is the one
+:mod:`lyra_pl.training.parallelize` builds (FSDP2 ``fully_shard`` per decoder layer, the ViT
+and the Whisper encoder as single units, each speech-generator layer as a unit, and the root
+-- embeddings, lm_head, final norm, projectors, generator input/output layers -- kept unsharded
+after forward), with bf16 compute and AdamW. Every assumption is listed in
+:attr:`MemoryPlan.assumptions` and printed under the table.
+
+Activation model (bytes per token per decoder layer, bf16, ideal autograd: only the tensors
+backward needs, fused RMSNorm, SDPA/flash attention with GQA-native K/V, no dropout)::
+
+    attention: norm input 2h + q/k/v input 2h + q 2h + k,v 2*2*kv_dim + attention output 2h
+               + logsumexp 4*heads (fp32)
+    MLP (SwiGLU): norm input 2h + gate/up input 2h + gate 2I + up 2I + down input 2I
+    total    = 12h + 4*kv_dim + 6I + 4*heads         (Pro: 280,064 B ~ 34.2h)
+
+i.e. the "34 s b h" of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", without the 5 a s^2 b term that flash attention removes and without
+dropout masks), recounted for GQA and Qwen2's SwiGLU MLP. With ``attn_implementation="eager"``
+the softmax probabilities add 6*heads*s bytes per token (fp32 softmax + its bf16 copy).
+Per-layer checkpointing keeps each layer's input (2h per token) plus one layer's full
+activations during its recomputation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+GIB = 2**30
+STAGE_SEQ_LEN = {1: 2048, 2: 8192, 3: 131072, 4: 16384}
+"""Default ``--seq-len`` per stage: the stage's max length in SPEC.md."""
+STAGE_LORA_RANK = {1: 0, 2: 64, 3: 128, 4: 0}
+STAGE_TRAINABLE = {
+    1: "speech projector",
+    2: "speech projector + LoRA r64 (q,k,v,o,gate,up,down)",
+    3: "speech projector + LoRA r128 (q,k,v,o,gate,up,down)",
+    4: "speech generator (LLM frozen, run without grad)",
+}
+SHARDINGS = ("hybrid", "full")
+
+_COUNTS_CACHE: dict[str, dict[str, int]] = {}
+
+
+@dataclass
+class MemoryPlan:
+    """Per-GPU memory estimate, in bytes, of one training step. Not a measurement."""
+
+    # inputs
+    preset: str
+    stage: int
+    nodes: int
+    gpus_per_node: int
+    seq_len: int
+    micro_batch: int
+    sharding: str
+    lmme: tuple[int, float] | None
+    shard_size: int  # GPUs a parameter is sharded over
+    # counts
+    total_params: int
+    trainable_params: int  # including LoRA
+    lora_params: int
+    # bytes per GPU
+    params_sharded: int  # fp32 master copy of every parameter, sharded
+    params_gathered: int  # transient bf16 unsharded units (root + 2 x largest unit)
+    params: int  # params_sharded + params_gathered
+    lora: int  # fp32 LoRA weights, sharded
+    grads: int  # fp32, trainable only, sharded
+    optimizer: int  # AdamW exp_avg + exp_avg_sq, fp32, trainable only, sharded
+    activations: int  # stored for backward, no checkpointing
+    activations_checkpointed: int  # per-layer activation checkpointing
+    logits: int  # lm_head output + fp32 cross-entropy over the answer positions
+    total: int
+    total_checkpointed: int
+    tokens_per_layer: list[int] = field(default_factory=list)  # per micro-batch row
+    assumptions: list[str] = field(default_factory=list)
+    estimate: bool = True  # always: these numbers are computed, never measured
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["lmme"] = list(self.lmme) if self.lmme else None
+        return d
+
+
+# ---------------------------------------------------------------------------- counting
+def _counts(config) -> dict[str, int]:
+    from lyra_pl.model.info import parameter_counts
+
+    key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    if key not in _COUNTS_CACHE:
+        _COUNTS_CACHE[key] = parameter_counts(config)
+    return _COUNTS_CACHE[key]
+
+
+def _qwen2_layer_params(h: int, heads: int, kv_heads: int, inter: int) -> int:
+    """One Qwen2 decoder layer: q/k/v with bias, o without, SwiGLU MLP, two RMSNorms."""
+    kv = kv_heads * (h // heads)
+    return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * inter + 2 * h
+
+
+def decoder_layer_params(config) -> int:
+    return _qwen2_layer_params(config.hidden_size, config.num_heads, config.num_kv_heads,
+                               config.intermediate_size)
+
+
+def lora_params_per_layer(config, rank: int) -> int:
+    """LoRA A (r x in) + B (out x r) on q,k,v,o,gate,up,down of one decoder layer."""
+    h, inter = config.hidden_size, config.intermediate_size
+    kv = config.num_kv_heads * config.head_dim
+    return rank * (9 * h + 2 * kv + 3 * inter)
+
+
+def _act_bytes_per_token(h: int, heads: int, kv_heads: int, inter: int, eager_seq: int,
+                         lora_rank: int = 0, frozen_linears: bool = False) -> int:
+    kv = kv_heads * (h // heads)
+    b = 12 * h + 4 * kv + 6 * inter + 4 * heads
+    if frozen_linears:  # autograd saves no input of a Linear whose weight needs no grad
+        b -= 4 * h
+    b += 7 * 2 * lora_rank  # LoRA: the r-wide A(x) of each of the 7 targets
+    if eager_seq:
+        b += 6 * heads * eager_seq
+    return b
+
+
+def lmme_tokens_per_layer(config, seq_len: int, lmme: tuple[int, float] | None,
+                          context_fraction: float) -> list[int]:
+    """Tokens each decoder layer sees. Before the first pruning point all ``seq_len``; after
+    each pruning point the context tokens shrink to ``max(ceil(rho * ctx), min(min_keep, ctx))``;
+    text tokens (``seq_len - round(context_fraction * seq_len)``) are never pruned."""
+    L = config.num_layers
+    if not lmme:
+        return [seq_len] * L
+    n, rho = lmme
+    prune_after = set(config.replace(lmme_blocks=n, lmme_keep_ratio=rho).lmme_layers())
+    ctx = round(context_fraction * seq_len)
+    text = seq_len - ctx
+    out = []
+    for i in range(L):
+        out.append(text + ctx)
+        if i in prune_after:
+            ctx = max(math.ceil(rho * ctx), min(config.lmme_min_keep, ctx))
+    return out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------- estimate
+def estimate(
+    config,
+    stage: int,
+    nodes: int,
+    gpus_per_node: int,
+    seq_len: int,
+    micro_batch: int = 1,
+    sharding: str = "hybrid",
+    lmme: tuple[int, float] | None = None,
+    *,
+    context_fraction: float = 0.9,
+    answer_fraction: float = 1.0,
+) -> MemoryPlan:
+    """Per-GPU memory estimate of one training step of ``stage`` (1-4).
+
+    ``lmme=(n_blocks, keep_ratio)`` prunes context tokens at the end of each block; which share
+    of the sequence is context is unknown from shapes alone: ``context_fraction`` (default 0.9:
+    10% instruction/answer text, never pruned). ``answer_fraction`` is the share of positions
+    whose logits enter the cross-entropy (default 1.0: an upper bound, as if lm_head ran over
+    every position); in stage 4 it is also the share of positions the speech generator
+    upsamples.
+    """
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ValueError(msg)
+
+    def pos_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    need(stage in STAGE_TRAINABLE, f"stage must be 1, 2, 3 or 4, got {stage!r}")
+    need(pos_int(nodes), f"nodes must be a positive int, got {nodes!r}")
+    need(pos_int(gpus_per_node), f"gpus_per_node must be a positive int, got {gpus_per_node!r}")
+    need(pos_int(seq_len), f"seq_len must be a positive int, got {seq_len!r}")
+    need(pos_int(micro_batch), f"micro_batch must be a positive int, got {micro_batch!r}")
+    need(sharding in SHARDINGS, f"sharding must be 'hybrid' or 'full', got {sharding!r}")
+    need(0.0 <= context_fraction <= 1.0, f"context_fraction must be in [0, 1], got "
+         f"{context_fraction!r}")
+    need(0.0 < answer_fraction <= 1.0, f"answer_fraction must be in (0, 1], got "
+         f"{answer_fraction!r}")
+    if lmme is not None:
+        need(len(lmme) == 2, f"lmme must be (n_blocks, keep_ratio), got {lmme!r}")
+        n, rho = lmme
+        need(pos_int(n) and n <= config.num_layers,
+             f"LMME n_blocks must be an int in [1, num_layers={config.num_layers}], got {n!r}")
+        need(isinstance(rho, (int, float)) and 0.0 < rho <= 1.0,
+             f"LMME keep_ratio must be in (0, 1], got {rho!r}")
+        lmme = (int(n), float(rho))
+
+    counts = _counts(config)
+    h, L, V = config.hidden_size, config.num_layers, config.vocab_size
+    shard = gpus_per_node if sharding == "hybrid" else nodes * gpus_per_node
+    b = micro_batch
+    notes: list[str] = ["ESTIMATE from shapes and the formulas below; nothing was measured."]
+
+    # --- parameters
+    total = counts["total"]
+    rank = STAGE_LORA_RANK[stage]
+    lora_layer = lora_params_per_layer(config, rank) if rank else 0
+    lora_n = lora_layer * L
+    layer_n = decoder_layer_params(config)
+    gen_layer_n = _qwen2_layer_params(config.generator_hidden, config.generator_heads,
+                                      config.generator_kv_heads, config.generator_intermediate)
+    root_n = (total - L * layer_n - counts["vision"] - counts["audio_encoder"]
+              - config.generator_layers * gen_layer_n)
+    units = {
+        "decoder layer": layer_n + lora_layer,
+        "ViT": counts["vision"],
+        "Whisper encoder": counts["audio_encoder"],
+        "generator layer": gen_layer_n,
+    }
+    largest = max(units, key=units.get)
+    params_sharded = _ceil_div(4 * total, shard)
+    params_gathered = 2 * root_n + 2 * 2 * units[largest]
+    lora_bytes = _ceil_div(4 * lora_n, shard)
+    notes.append(
+        f"params: fp32 master copy of all {total:,} parameters (frozen ones included) sharded "
+        f"over {shard} GPUs ({sharding} sharding), plus bf16 all-gathered copies of the root "
+        f"unit ({root_n:,}: embeddings, lm_head, norm, projectors, generator in/out; kept "
+        f"unsharded after forward) and 2 x the largest other unit ({largest}, "
+        f"{units[largest]:,}; current + prefetched)."
+    )
+
+    # --- trainable: grads and optimizer
+    if stage == 4:
+        trainable = counts["speech_generator"]
+    else:
+        trainable = counts["speech_projector"] + lora_n
+    grads = _ceil_div(4 * trainable, shard)
+    optimizer = _ceil_div(2 * 4 * trainable, shard)
+    notes.append(
+        f"trainable (stage {stage}): {STAGE_TRAINABLE[stage]} = {trainable:,} parameters; "
+        f"grads fp32 and AdamW exp_avg/exp_avg_sq fp32, sharded like the params. Whisper "
+        f"encoder and ViT frozen and run without grad (no stored activations)."
+    )
+    if rank:
+        notes.append(f"LoRA r{rank}: r*(9h + 2*kv_dim + 3I) = {lora_layer:,} per layer, fp32.")
+
+    # --- activations
+    eager = seq_len if config.attn_implementation == "eager" else 0
+    per_tok = _act_bytes_per_token(h, config.num_heads, config.num_kv_heads,
+                                   config.intermediate_size, eager, lora_rank=rank,
+                                   frozen_linears=(stage == 1))
+    tokens = lmme_tokens_per_layer(config, seq_len, lmme, context_fraction)
+    n_answer = max(1, round(answer_fraction * seq_len))
+    if stage == 4:
+        # LLM under no_grad: nothing stored; the generator's layers train on upsampled tokens.
+        g_tok = n_answer * config.generator_upsample
+        g_per_tok = _act_bytes_per_token(
+            config.generator_hidden, config.generator_heads, config.generator_kv_heads,
+            config.generator_intermediate, g_tok if eager else 0)
+        G = config.generator_layers
+        activations = b * g_tok * g_per_tok * G
+        activations_ckpt = b * g_tok * (2 * config.generator_hidden * G + g_per_tok)
+        logits = b * g_tok * (config.n_units + 1) * 10
+        notes.append(
+            f"stage 4: the LLM runs without grad (no stored LLM activations, no LLM logits); "
+            f"the speech generator's {G} layers see answer_fraction x seq_len x "
+            f"{config.generator_upsample} = {g_tok:,} upsampled positions; CTC logits over "
+            f"{config.n_units + 1} classes at 10 B/element."
+        )
+    else:
+        activations = b * per_tok * sum(tokens)
+        activations_ckpt = b * (2 * h * sum(tokens) + per_tok * max(tokens))
+        logits = b * n_answer * V * 10
+        notes.append(
+            f"logits: {n_answer:,} answer positions (answer_fraction {answer_fraction:g}"
+            f"{', an upper bound: lm_head over every position' if answer_fraction == 1 else ''})"
+            f" x vocab {V:,} x 10 B (bf16 logits 2 + fp32 upcast 4 + fp32 log-softmax saved "
+            f"for backward 4)."
+        )
+    adj = {1: " - 4h (stage 1: frozen q/k/v and gate/up inputs are not saved)",
+           2: " + 14r (LoRA A outputs)", 3: " + 14r (LoRA A outputs)"}.get(stage, "")
+    notes.append(
+        f"activations per decoder layer per token: 12h + 4*kv_dim + 6I + 4*heads{adj} = "
+        f"{per_tok:,} B"
+        f" (~{per_tok / h:.1f}h; Korthikanti et al. 2022's 34h with SDPA/flash attention, no "
+        f"dropout, recounted for GQA and SwiGLU"
+        f"{'; + 6*heads*s for eager softmax' if eager else ''}); ideal autograd -- HF's fp32 "
+        f"RMSNorm upcast and other temporaries can add more."
+    )
+    notes.append("checkpointing: per decoder layer, keeps each layer's bf16 input (2h per token)"
+                 " plus one layer's full activations during recomputation.")
+    if lmme:
+        notes.append(
+            f"LMME{lmme}: context_fraction {context_fraction:g} of the tokens are context "
+            f"(pruned to keep_ratio at each block end, at least {config.lmme_min_keep}); the "
+            f"rest is text, never pruned. Tokens per layer {tokens[0]:,} -> {tokens[-1]:,} "
+            f"(mean {sum(tokens) / L:,.0f}). Scoring temporaries at pruning points not counted."
+        )
+    notes.append("not counted: CUDA context / NCCL buffers (~1-3 GiB), allocator fragmentation,"
+                 " transient encoder (ViT/Whisper) forward activations, unsharded gradient "
+                 "buffers during reduce-scatter, batch inputs.")
+    if seq_len > config.max_position_embeddings:
+        notes.append(f"seq_len {seq_len:,} exceeds the preset's max_position_embeddings "
+                     f"{config.max_position_embeddings:,}.")
+
+    fixed = params_sharded + params_gathered + lora_bytes + grads + optimizer + logits
+    return MemoryPlan(
+        preset=config.preset, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node,
+        seq_len=seq_len, micro_batch=micro_batch, sharding=sharding, lmme=lmme,
+        shard_size=shard, total_params=total, trainable_params=trainable, lora_params=lora_n,
+        params_sharded=params_sharded, params_gathered=params_gathered,
+        params=params_sharded + params_gathered, lora=lora_bytes, grads=grads,
+        optimizer=optimizer, activations=activations,
+        activations_checkpointed=activations_ckpt, logits=logits,
+        total=fixed + activations, total_checkpointed=fixed + activations_ckpt,
+        tokens_per_layer=tokens, assumptions=notes,
+    )
+
+
+# ---------------------------------------------------------------------------- output
+def format_plan(plan: MemoryPlan) -> str:
+    """A table in GiB (without / with per-layer activation checkpointing), assumptions below."""
+    def g(x: int) -> str:
+        return f"{x / GIB:,.2f}"
+
+    lm = f"LMME{plan.lmme}" if plan.lmme else "LMME off"
+    head = (f"Per-GPU memory ESTIMATE (computed, not measured): preset {plan.preset!r}, stage "
+            f"{plan.stage}, {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, {plan.sharding} "
+            f"sharding (params sharded over {plan.shard_size} GPUs), seq_len {plan.seq_len:,}, "
+            f"micro_batch {plan.micro_batch}, {lm}")
+    rows = [
+        ("params (fp32 shard + bf16 gathered)", plan.params, plan.params),
+        ("  of which fp32 shard", plan.params_sharded, plan.params_sharded),
+        ("  of which bf16 gathered units", plan.params_gathered, plan.params_gathered),
+        ("lora (fp32, sharded)", plan.lora, plan.lora),
+        ("grads (fp32, trainable, sharded)", plan.grads, plan.grads),
+        ("optimizer (AdamW 2 x fp32, sharded)", plan.optimizer, plan.optimizer),
+        ("activations (bf16, stored)", plan.activations, plan.activations_checkpointed),
+        ("logits / cross-entropy", plan.logits, plan.logits),
+        ("total", plan.total, plan.total_checkpointed),
+    ]
+    w = max(len(r[0]) for r in rows)
+    lines = [head, "", f"{'GiB per GPU':<{w}}  {'no AC':>10}  {'per-layer AC':>12}",
+             "-" * (w + 26)]
+    for i, (name, a, c) in enumerate(rows):
+        if name == "total":
+            lines.append("-" * (w + 26))
+        lines.append(f"{name:<{w}}  {g(a):>10}  {g(c):>12}")
+    lines += ["", "Assumptions (estimate):"] + [f"- {n}" for n in plan.assumptions]
+    return "\n".join(lines)
+
+
+def _parse_lmme(text: str) -> tuple[int, float]:
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        n, rho = int(parts[0]), float(parts[1])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected N,RHO (e.g. 4,0.7), got {text!r}") from None
+    if n < 1 or not 0.0 < rho <= 1.0:
+        raise argparse.ArgumentTypeError(f"need N >= 1 and 0 < RHO <= 1, got {text!r}")
+    return n, rho
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lyra_pl.model.config import PRESETS, LyraConfig
+
+    parser = argparse.ArgumentParser(
+        prog="lyra-pl plan",
+        description="Per-GPU memory estimate (params, grads, optimizer, activations with and "
+                    "without checkpointing) of a training stage. Computed, not measured.")
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    parser.add_argument("--stage", type=int, default=2, choices=sorted(STAGE_TRAINABLE))
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sample (default: the stage's max length, "
+                             + ", ".join(f"{s}: {n}" for s, n in STAGE_SEQ_LEN.items()) + ")")
+    parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--sharding", choices=SHARDINGS, default="hybrid",
+                        help="hybrid: shard within a node, replicate across nodes; full: shard "
+                             "over all GPUs")
+    parser.add_argument("--lmme", type=_parse_lmme, default=None, metavar="N,RHO")
+    parser.add_argument("--context-fraction", type=float, default=0.9,
+                        help="share of tokens that are context (LMME prunes only those)")
+    parser.add_argument("--answer-fraction", type=float, default=1.0,
+                        help="share of positions with a loss (default 1.0, an upper bound)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    for name in ("nodes", "gpus_per_node", "micro_batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.seq_len is not None and args.seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
+    seq_len = args.seq_len if args.seq_len is not None else STAGE_SEQ_LEN[args.stage]
+    try:
+        plan = estimate(
+            LyraConfig.from_preset(args.preset), args.stage, args.nodes, args.gpus_per_node,
+            seq_len, args.micro_batch, args.sharding, args.lmme,
+            context_fraction=args.context_fraction, answer_fraction=args.answer_fraction)
+    except ValueError as e:
+        parser.error(str(e))
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
