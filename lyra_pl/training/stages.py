@@ -1,0 +1,471 @@
+"""The four training stages of Lyra (SPEC.md, "Training stages"), one LightningModule each on a
+shared base, :class:`LyraStage`.
+
+| stage | class | trainable | lr | model defaults |
+|---|---|---|---|---|
+| 1 speech alignment | :class:`SpeechAlignStage` | speech projector | 1e-3 | LCMR off |
+| 2 joint SFT | :class:`JointSFTStage` | projector + ``speech`` LoRA (r64, a16) | 2e-4 | LCMR 0.5 |
+| 3 long speech SFT | :class:`LongSpeechStage` | projector + ``long_speech`` LoRA (r128, a256) | 1e-4 | LMME(4, 0.7) |
+| 4 speech generation | :class:`SpeechGenStage` | speech generator | 2e-4 | warmup 9% |
+
+All stages: AdamW (weight decay 0), cosine schedule with linear warmup (3%, 9% in stage 4),
+stepped per optimizer step. Precision (bf16) is the Trainer's ``precision`` setting.
+
+**Batches.** A batch is a :class:`~lyra_pl.model.LyraInputs`, or a dict
+``{"inputs": LyraInputs, "units": (B, U) long, "unit_lengths": (B,) long}``; stage 4 needs the
+dict (its loss is the speech generator's CTC against ``units``), the other stages accept both
+and ignore the units.
+
+**Constructor = config schema.** Every constructor argument is a plain typed value, so the
+LightningCLI and the YAML files in ``configs/`` map 1:1 to it. ``model_overrides`` are
+:class:`~lyra_pl.model.LyraConfig` field overrides applied on top of the stage's own defaults
+(:attr:`LyraStage.model_defaults`).
+
+**Hand-off between stages.** :meth:`LyraStage.save_model` writes a directory with the projectors
+and the speech generator (:func:`lyra_pl.model.loading.save_parts`), every LoRA adapter
+(``adapter_<name>/``, peft format) and ``config.json``; the next stage's ``init_from`` loads it
+into its freshly built model before choosing what trains. Lightning's own checkpoints
+(``ckpt_path=...``) resume a stage as usual.
+
+**Multi-modality LoRA.** A batch runs the adapters of its modalities
+(:meth:`~lyra_pl.model.LyraModel.adapters_for`): the ``speech`` adapter for speech up to one
+30 s window, ``long_speech`` for longer speech when that adapter exists. Text and image batches
+run the base model. A stage warns once when a training batch with speech does not reach the
+adapter it trains (short clips in stage 3).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lyra_pl.model import loading, lora
+from lyra_pl.model.config import LyraConfig
+from lyra_pl.model.inputs import LyraInputs
+from lyra_pl.model.lyra import LyraModel, LyraOutput
+from lyra_pl.training.parallelize import parallelize
+
+
+# ----------------------------------------------------------------------------- batches
+def split_batch(batch: LyraInputs | dict) -> tuple[LyraInputs, Tensor | None, Tensor | None]:
+    """``(inputs, units, unit_lengths)`` of a batch in either accepted form."""
+    if isinstance(batch, LyraInputs):
+        return batch, None, None
+    if isinstance(batch, dict) and isinstance(batch.get("inputs"), LyraInputs):
+        return batch["inputs"], batch.get("units"), batch.get("unit_lengths")
+    raise TypeError("a batch must be a LyraInputs or a dict {'inputs': LyraInputs, 'units': ..., "
+                    f"'unit_lengths': ...}}, got {type(batch).__name__}")
+
+
+# ----------------------------------------------------------------------------- reporting
+def _adapter_of(name: str, adapters: list[str]) -> str | None:
+    """The adapter a parameter belongs to (peft names it ``...<lora_X>.<adapter>.weight``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_") and parts[i + 1] in adapters:
+            return parts[i + 1]
+    return None
+
+
+def parameter_counts(model: LyraModel) -> dict[str, tuple[int, int]]:
+    """``{row: (trainable, frozen)}`` per component (:meth:`LyraModel.components`, LoRA weights
+    excluded) and per LoRA adapter (``lora:<name>``)."""
+    adapters = lora.adapter_names(model.llm)
+    rows: dict[str, list[int]] = {}
+    seen: set[int] = set()  # tied weights count once, under the first component
+    for component, module in model.components().items():
+        for name, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            adapter = _adapter_of(name, adapters) if component == "llm" else None
+            row = rows.setdefault(f"lora:{adapter}" if adapter else component, [0, 0])
+            row[0 if p.requires_grad else 1] += p.numel()
+    return {row: (t, f) for row, (t, f) in rows.items()}
+
+
+def parameter_table(model: LyraModel, title: str = "parameters") -> str:
+    """A text table of trainable vs frozen parameters per component and LoRA adapter."""
+    counts = parameter_counts(model)
+    width = max(len(r) for r in [*counts, "component"]) + 2
+    lines = [title, f"{'component':<{width}}{'trainable':>14}{'frozen':>16}"]
+    for row, (t, f) in counts.items():
+        lines.append(f"{row:<{width}}{t:>14,}{f:>16,}" + ("  <- trains" if t else ""))
+    total_t = sum(t for t, _ in counts.values())
+    total_f = sum(f for _, f in counts.values())
+    lines.append(f"{'total':<{width}}{total_t:>14,}{total_f:>16,}")
+    return "\n".join(lines)
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (use e.g. 'bfloat16', 'float32' or null)")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- base
+class LyraStage(L.LightningModule):
+    """Shared base of the four stages: builds the model, chooses what trains, steps, logs.
+
+    Args:
+        preset: :class:`LyraConfig` preset (``tiny``, ``mini``, ``base``, ``pro``).
+        model_overrides: LyraConfig fields, applied over the stage's :attr:`model_defaults`.
+        init_from: a directory written by :meth:`save_model` (a previous stage): its parts and
+            LoRA adapters are loaded into the new model.
+        qwen2vl / whisper: local checkpoint directories of the pretrained LLM + ViT and of
+            the Whisper encoder (anything not given keeps its random initialization).
+        lr, weight_decay, warmup_ratio, betas: AdamW and the cosine schedule (linear warmup
+            over ``warmup_ratio`` of the optimizer steps).
+        activation_checkpointing, compile, param_dtype, reduce_dtype: passed to
+            :func:`~lyra_pl.training.parallelize.parallelize` (the dtypes are FSDP2's mixed
+            precision, used only under ``ModelParallelStrategy``; None keeps the weights' dtype).
+
+    Subclasses set :attr:`model_defaults`, :attr:`trainable_parts` (and, for LoRA stages, an
+    adapter) or override :meth:`setup_trainable` and :meth:`compute_loss`.
+    """
+
+    model_defaults: ClassVar[dict[str, Any]] = {}
+    """LyraConfig overrides this stage applies before the user's ``model_overrides``."""
+    trainable_parts: ClassVar[tuple[str, ...]] = ()
+    """Attributes of :class:`LyraModel` that train (everything else is frozen)."""
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        qwen2vl: str | None = None,
+        whisper: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.03,
+        betas: tuple[float, float] = (0.9, 0.999),
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+    ):
+        super().__init__()
+        if not 0.0 <= warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        self.preset = preset
+        self.model_overrides = dict(model_overrides or {})
+        self.init_from = init_from
+        self.qwen2vl = qwen2vl
+        self.whisper = whisper
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_ratio = warmup_ratio
+        self.betas = tuple(betas)
+        self.activation_checkpointing = activation_checkpointing
+        self.compile_layers = compile
+        self.param_dtype = _dtype(param_dtype)
+        self.reduce_dtype = _dtype(reduce_dtype)
+        self.config = self.model_config()  # validated now, not in the middle of a launch
+        self.model: LyraModel | None = None
+        self._warned_adapter = False
+
+    # ------------------------------------------------------------------ building
+    def model_config(self) -> LyraConfig:
+        """The stage defaults, then the user's overrides, on the preset."""
+        return LyraConfig.from_preset(self.preset, **{**self.model_defaults, **self.model_overrides})
+
+    def configure_model(self) -> None:
+        """Builds the model once (Lightning may call this hook more than once): weights, then
+        the trainable set (adapters exist before sharding), then AC / compile / FSDP2."""
+        if self.model is not None:
+            return
+        model = LyraModel(self.config)
+        if self.qwen2vl is not None:
+            loading.load_qwen2vl(model, self.qwen2vl)
+        if self.whisper is not None:
+            loading.load_whisper(model, self.whisper)
+        if self.init_from is not None:
+            self.load_model(model, self.init_from)
+        self.setup_trainable(model)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise RuntimeError(f"{type(self).__name__}: setup_trainable left nothing to train")
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
+                    compile=self.compile_layers, param_dtype=self.param_dtype,
+                    reduce_dtype=self.reduce_dtype)
+        self.model = model
+
+    def setup_trainable(self, model: LyraModel) -> None:
+        """Freezes everything, then unfreezes :attr:`trainable_parts`."""
+        model.requires_grad_(False)
+        lora.trainable_adapter_parameters(model.llm, [])  # every adapter frozen as well
+        for part in self.trainable_parts:
+            getattr(model, part).requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def on_train_start(self) -> None:
+        """Fully frozen components run in eval mode while training: no dropout in what does not
+        learn (e.g. the frozen LLM's LoRA dropout feeding the speech generator in stage 4).
+        Lightning keeps these modes across validation."""
+        for module in self._require_model().components().values():
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+
+    # ------------------------------------------------------------------ hand-off
+    def save_model(self, directory: str | Path) -> Path:
+        """Writes what the next stage needs: ``<part>.safetensors`` for the projectors and the
+        speech generator, ``adapter_<name>/`` per LoRA adapter, and ``config.json``.
+
+        Call it on an unsharded model (single process, or after gathering): FSDP2-sharded
+        weights are refused rather than saved as shards."""
+        model = self._require_model()
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+            raise RuntimeError("save_model needs an unsharded model; under FSDP2 use Lightning's "
+                               "checkpoint (ckpt_path) and export from a single process")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        loading.save_parts(model, d)
+        for name in lora.adapter_names(model.llm):
+            lora.save_adapter(model.llm, name, d / f"adapter_{name}")
+        (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+        return d
+
+    @staticmethod
+    def load_model(model: LyraModel, directory: str | Path) -> list[str]:
+        """Loads a :meth:`save_model` directory into ``model``: the part files present and
+        every ``adapter_*`` directory. Returns what was loaded."""
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"init_from directory {str(d)!r} does not exist")
+        saved = d / "config.json"
+        if saved.is_file():
+            theirs = json.loads(saved.read_text())
+            ours = model.config.to_dict()
+            shape_fields = ("hidden_size", "num_layers", "audio_dim", "generator_hidden", "n_units")
+            diff = [f"{k}: {theirs[k]} vs {ours[k]}" for k in shape_fields
+                    if k in theirs and theirs[k] != ours[k]]
+            if diff:
+                raise ValueError(f"{saved} describes a different model ({'; '.join(diff)})")
+        loaded = loading.load_parts(model, d)
+        for sub in sorted(d.glob("adapter_*")):
+            name = sub.name.removeprefix("adapter_")
+            loaded.append("lora:" + lora.load_adapter(model.llm, sub, name=name))
+        return loaded
+
+    def _require_model(self) -> LyraModel:
+        if self.model is None:
+            raise RuntimeError("the model is built in configure_model(); call it (or fit) first")
+        return self.model
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, batch: LyraInputs | dict) -> LyraOutput:
+        inputs, units, unit_lengths = split_batch(batch)
+        return self._require_model()(inputs, units=units, unit_lengths=unit_lengths)
+
+    def compute_loss(self, out: LyraOutput) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The loss to optimize and the metrics to log with it (names without prefix)."""
+        metrics = {"ce": out.ce_loss, "lcmr": out.lcmr_loss, "generator": out.generator_loss}
+        return out.loss, {k: v.detach() for k, v in metrics.items() if v is not None}
+
+    def _step(self, batch: LyraInputs | dict, prefix: str) -> tuple[Tensor | None, LyraOutput]:
+        inputs = split_batch(batch)[0]
+        out = self(batch)
+        loss, metrics = self.compute_loss(out)
+        if loss is not None:
+            metrics = {"loss": loss.detach(), **metrics}
+        metrics.update(token_metrics(out))
+        on_step = prefix == "train"
+        for name, value in metrics.items():
+            self.log(f"{prefix}/{name}", value, batch_size=inputs.batch_size, on_step=on_step,
+                     on_epoch=not on_step, sync_dist=not on_step)
+        return loss, out
+
+    def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor:
+        loss, out = self._step(batch, "train")
+        if loss is None:
+            raise ValueError(f"training batch {batch_idx} gives no loss (no answer labels"
+                             + (" or unit targets" if isinstance(self, SpeechGenStage) else "")
+                             + ")")
+        self._check_adapter_used(split_batch(batch)[0], out)
+        if not loss.requires_grad:
+            # Nothing trainable ran (e.g. a text-only batch in a LoRA stage, which MLoRA sends
+            # through the base model). A zero-weighted term keeps backward and every rank's
+            # gradient collectives uniform; the optimizer sees zero gradients.
+            # (The local shard under FSDP2: a DTensor cannot be added to a plain tensor.)
+            loss = loss + sum((p.to_local() if hasattr(p, "to_local") else p).sum()
+                              for p in self.trainable_parameters()) * 0.0
+        if self._trainer is not None and self.trainer.optimizers:
+            lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.log("train/lr", lr, batch_size=split_batch(batch)[0].batch_size, on_step=True,
+                     on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:
+        return self._step(batch, "val")[0]
+
+    def _check_adapter_used(self, inputs: LyraInputs, out: LyraOutput) -> None:
+        """Warns once when a batch with speech does not run the adapter this stage trains
+        (e.g. short clips in stage 3). Text/image batches run the base model by design."""
+        adapter = getattr(self, "adapter", None)
+        speech = {"speech", "long_speech"} & inputs.modalities()
+        if adapter and speech and adapter not in out.adapters and not self._warned_adapter:
+            self._warned_adapter = True
+            rank_zero_warn(f"{type(self).__name__} trains LoRA adapter {adapter!r} but a training "
+                           f"batch with {sorted(speech)} ran adapters {out.adapters} (chosen from "
+                           "its modalities); such batches do not train the adapter")
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if isinstance(batch, LyraInputs):
+            return batch.to(device)
+        if isinstance(batch, dict):
+            return {k: self.transfer_batch_to_device(v, device, dataloader_idx)
+                    for k, v in batch.items()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    # ------------------------------------------------------------------ optimizer
+    def configure_optimizers(self) -> dict[str, Any]:
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = self.trainable_parameters()
+        if not params:
+            raise RuntimeError(f"{type(self).__name__} has no trainable parameters")
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("the cosine schedule needs a finite number of steps: set max_steps "
+                             "or max_epochs on the Trainer")
+        total = int(total)
+        warmup = math.ceil(self.warmup_ratio * total)
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=self.betas,
+                                      weight_decay=self.weight_decay)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ reporting
+    def on_fit_start(self) -> None:
+        rank_zero_info(parameter_table(self._require_model(),
+                                       f"{type(self).__name__}: trainable vs frozen parameters"))
+
+
+def token_metrics(out: LyraOutput) -> dict[str, Tensor]:
+    """``tokens``: valid tokens entering the decoder; ``kept_ratio_block{j}``: the fraction of
+    the valid tokens before LMME pruning step j that it kept.
+
+    The entering count per sample is the assembled index of its last surviving token + 1: LMME
+    drops only context tokens and a training sample ends with its answer, which is never
+    dropped. Keep masks are False on padding, so step j-1's kept count is step j's input."""
+    state = out.state
+    index = state.index.masked_fill(~state.valid, -1)
+    before = (index.max(1).values + 1).sum().float()
+    metrics = {"tokens": before}
+    for j, keep in enumerate(out.keeps):
+        kept = keep.sum().float()
+        if before > 0:
+            metrics[f"kept_ratio_block{j}"] = kept / before
+        before = kept
+    return metrics
+
+
+# ----------------------------------------------------------------------------- stages
+class _LoraStage(LyraStage):
+    """A stage that trains the speech projector and one LoRA adapter on the LLM (added unless
+    ``init_from`` already brought it)."""
+
+    adapter: ClassVar[str] = ""
+    trainable_parts = ("speech_projector",)
+
+    def __init__(self, lora_r: int, lora_alpha: float, lora_dropout: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.lora_spec = lora.LoraSpec(lora_r, lora_alpha, lora_dropout)
+
+    def setup_trainable(self, model: LyraModel) -> None:
+        super().setup_trainable(model)
+        if self.adapter not in lora.adapter_names(model.llm):
+            lora.add_adapter(model.llm, self.adapter, self.lora_spec)
+        lora.trainable_adapter_parameters(model.llm, [self.adapter])
+
+
+class SpeechAlignStage(LyraStage):
+    """Stage 1, speech alignment on ASR pairs: only the speech projector trains; LCMR off."""
+
+    model_defaults = {"lcmr_weight": 0.0}
+    trainable_parts = ("speech_projector",)
+
+    def __init__(self, lr: float = 1e-3, **kwargs: Any):
+        super().__init__(lr=lr, **kwargs)
+
+
+class JointSFTStage(_LoraStage):
+    """Stage 2, joint text-image-speech SFT: projector + ``speech`` LoRA (r 64, alpha 16),
+    loss CE + 0.5 LCMR (batches need ``transcript_ids`` for the LCMR term)."""
+
+    model_defaults = {"lcmr_weight": 0.5}
+    adapter = "speech"
+
+    def __init__(self, lr: float = 2e-4, lora_r: int = 64, lora_alpha: float = 16,
+                 lora_dropout: float = 0.05, **kwargs: Any):
+        super().__init__(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lr=lr, **kwargs)
+
+
+class LongSpeechStage(_LoraStage):
+    """Stage 3, long speech SFT: projector + ``long_speech`` LoRA (r 128, alpha 256), with
+    LMME(4, 0.7) (fewer blocks when the model has fewer than 4 layers); LCMR off. The
+    ``long_speech`` adapter runs on batches with speech longer than one 30 s window."""
+
+    model_defaults = {"lmme_blocks": 4, "lmme_keep_ratio": 0.7, "lcmr_weight": 0.0}
+    adapter = "long_speech"
+
+    def __init__(self, lr: float = 1e-4, lora_r: int = 128, lora_alpha: float = 256,
+                 lora_dropout: float = 0.05, **kwargs: Any):
+        super().__init__(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lr=lr, **kwargs)
+
+    def model_config(self) -> LyraConfig:
+        if "lmme_blocks" in self.model_overrides:
+            return super().model_config()
+        layers = LyraConfig.from_preset(self.preset, **{
+            k: v for k, v in self.model_overrides.items() if k != "lmme_blocks"}).num_layers
+        blocks = min(self.model_defaults["lmme_blocks"], layers)
+        return LyraConfig.from_preset(
+            self.preset, **{**self.model_defaults, "lmme_blocks": blocks, **self.model_overrides})
+
+
+class SpeechGenStage(LyraStage):
+    """Stage 4, speech generation: only the speech generator trains, on CTC against unit
+    targets (batches are dicts with ``units`` / ``unit_lengths``).
+
+    The LLM runs without building a graph, with no ``torch.no_grad`` of its own: every
+    parameter before the generator is frozen and the generator reads the LLM's hidden states
+    detached (:meth:`LyraModel.speech_generator_loss`), so autograd records nothing for the
+    LLM (no activations kept) while the generator's loss stays inside the model's forward,
+    where FSDP2 needs it."""
+
+    model_defaults = {"lcmr_weight": 0.0}
+    trainable_parts = ("speech_generator",)
+
+    def __init__(self, lr: float = 2e-4, warmup_ratio: float = 0.09, **kwargs: Any):
+        super().__init__(lr=lr, warmup_ratio=warmup_ratio, **kwargs)
+
+    def forward(self, batch: LyraInputs | dict) -> LyraOutput:
+        if split_batch(batch)[1] is None:
+            raise ValueError("SpeechGenStage batches are dicts with 'inputs', 'units' and "
+                             "'unit_lengths'")
+        return super().forward(batch)
+
+    def compute_loss(self, out: LyraOutput) -> tuple[Tensor | None, dict[str, Tensor]]:
+        _, metrics = super().compute_loss(out)
+        return out.generator_loss, metrics
+
+
+STAGES: dict[int, type[LyraStage]] = {
+    1: SpeechAlignStage, 2: JointSFTStage, 3: LongSpeechStage, 4: SpeechGenStage,
+}
