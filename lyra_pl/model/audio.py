@@ -41,7 +41,7 @@ def _clip_name(kind: str, index: int, sample_ids: Sequence[int] | None) -> str:
     return name
 
 
-def _ceil_div(a: Tensor, b: int) -> Tensor:
+def ceil_div(a: Tensor, b: int) -> Tensor:
     return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
@@ -148,11 +148,11 @@ class AudioBatch:
 
     def num_tokens(self) -> Tensor:
         """(N,) int64 speech tokens per clip: 10 per second, the last partial one included."""
-        return _ceil_div(self.lengths, SAMPLES_PER_TOKEN)
+        return ceil_div(self.lengths, SAMPLES_PER_TOKEN)
 
     def num_windows(self) -> Tensor:
         """(N,) int64 30 s Whisper windows per clip, the last one zero-padded."""
-        return _ceil_div(self.lengths, WINDOW_SAMPLES)
+        return ceil_div(self.lengths, WINDOW_SAMPLES)
 
 
 def _validated_clip(clip: Tensor | np.ndarray, rate: int, name: str) -> Tensor:

@@ -26,6 +26,7 @@ from lyra_pl.model.audio import (
     TOKENS_PER_WINDOW,
     WINDOW_SAMPLES,
     AudioBatch,
+    ceil_div,
     log_mel,
 )
 from lyra_pl.model.projectors import SoundProjector, SpeechProjector
@@ -67,10 +68,6 @@ def _gather_windows(waveforms: Tensor, clip: Tensor, index: Tensor, real: Tensor
     flat = clip[:, None] * waveforms.shape[1] + index[:, None] * WINDOW_SAMPLES + offsets
     samples = torch.take(waveforms, torch.where(valid, flat, 0))
     return torch.where(valid, samples, 0.0)
-
-
-def _ceil_div(a: Tensor, b: int) -> Tensor:
-    return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
 class AudioEncoder(nn.Module):
@@ -132,7 +129,7 @@ class AudioEncoder(nn.Module):
                 f"got encoder_dim={projector.encoder_dim}, downsample={projector.downsample}"
             )
         plan = _WindowPlan.of(audio)
-        tokens_per_window = _ceil_div(plan.real, SAMPLES_PER_TOKEN)  # 1..300
+        tokens_per_window = ceil_div(plan.real, SAMPLES_PER_TOKEN)  # 1..300
         dtype = projector.linear1.weight.dtype
         pieces = []
         for start, stop in self._chunks(plan):
@@ -173,7 +170,7 @@ class AudioEncoder(nn.Module):
         k = projector.n_tokens
         n_clips = len(audio)
         plan = _WindowPlan.of(audio)
-        n_real = _ceil_div(audio.lengths.to(plan.clip.device), SAMPLES_PER_STATE)  # per clip
+        n_real = ceil_div(audio.lengths.to(plan.clip.device), SAMPLES_PER_STATE)  # per clip
         device = self.whisper.conv1.weight.device
         sums: Tensor | None = None
         sizes = torch.zeros(n_clips, k, device=device)
@@ -185,8 +182,8 @@ class AudioEncoder(nn.Module):
             n = n_real[plan.clip[start:stop]].to(device)[:, None, None]  # (w, 1, 1)
             # (w, 1500, 1): index of each state within its clip
             state = (plan.index[start:stop].to(device) * STATES_PER_WINDOW)[:, None, None] + in_window
-            first = _ceil_div(segment * n, k)  # (w, 1, k): segment m is [first, last)
-            last = _ceil_div((segment + 1) * n, k)
+            first = ceil_div(segment * n, k)  # (w, 1, k): segment m is [first, last)
+            last = ceil_div((segment + 1) * n, k)
             # Segments end at n_real at most, so padding states (index >= n_real) never count.
             member = (state >= first) & (state < last)
             member |= (first == last) & (state == torch.div(segment * n, k, rounding_mode="floor"))
