@@ -49,11 +49,6 @@ class Assembled:
     instruction: Tensor  # bool, text after the first media token that is not an answer
     next_position: Tensor  # (B,) the position a generated token continues from
 
-    def per_token(self) -> tuple[Tensor, ...]:
-        """The (B, N, ...) / (3, B, N) tensors the extractor compacts, in a fixed order."""
-        return (self.embeds, self.positions, self.valid, self.modality, self.targets,
-                self.context, self.instruction)
-
 
 def placeholder_modality(input_ids: Tensor, placeholder_ids: dict[str, int]) -> Tensor:
     """(B, T) modality id of each input token: 0 text, 1..4 the placeholder's modality."""

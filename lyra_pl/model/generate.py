@@ -20,9 +20,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from lyra_pl.model import lora
-from lyra_pl.model.decoder import DecoderCache, decode_step, run_layers
-from lyra_pl.model.extractor import TokenState
+from lyra_pl.model.decoder import DecoderCache, decode_step
 from lyra_pl.model.inputs import LyraInputs
 
 
@@ -93,15 +91,10 @@ def generate(
     warpers = _warpers(temperature, top_k, top_p) if do_sample else None
     string_stop = StopStringCriteria(tokenizer, list(stop_strings)) if stop_strings else None
 
-    if lora.adapter_names(model.llm):
-        # Always set, also to none: a previous batch's adapter must not leak into this one.
-        lora.set_active_adapters(model.llm, model.adapters_for(inputs))
+    model.activate_adapters(inputs)
     assembled, _ = model.prepare(inputs)
     cache = DecoderCache()
-    state, keeps = run_layers(
-        model.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(), cfg.lmme_keep_ratio,
-        cfg.lmme_min_keep, cache,
-    )
+    state, keeps = model.run_decoder(assembled, cache)
     B = state.hidden.shape[0]
     device = state.hidden.device
     rows = torch.arange(B, device=device)

@@ -147,6 +147,14 @@ class LyraModel(nn.Module):
         """The LoRA adapters a batch uses (multi-modality LoRA): chosen from its modalities."""
         return lora.select_adapters(inputs.modalities(), lora.adapter_names(self.llm))
 
+    def activate_adapters(self, inputs: LyraInputs, adapters: list[str] | None = None) -> list[str]:
+        """Activates the batch's adapters (default :meth:`adapters_for`) and returns them. Always
+        set, also to none, so that a previous batch's adapter never leaks into this one."""
+        adapters = self.adapters_for(inputs) if adapters is None else adapters
+        if lora.adapter_names(self.llm):
+            lora.set_active_adapters(self.llm, adapters)
+        return adapters
+
     # ------------------------------------------------------------------ encoding
     def encode_media(self, inputs: LyraInputs) -> dict[int, Media]:
         """Runs each encoder once for all items of the batch."""
@@ -191,6 +199,14 @@ class LyraModel(nn.Module):
         return assembled, media
 
     # ------------------------------------------------------------------ forward
+    def run_decoder(
+        self, assembled: Assembled, cache: DecoderCache | None = None
+    ) -> tuple[TokenState, list[Tensor]]:
+        """The decoder layers over an assembled batch, with this config's LMME."""
+        cfg = self.config
+        return run_layers(self.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(),
+                          cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache)
+
     def forward(
         self,
         inputs: LyraInputs,
@@ -205,14 +221,9 @@ class LyraModel(nn.Module):
         ``units`` / ``unit_lengths`` (B, U) / (B,): speech unit targets; the generator's loss is
         computed here, inside forward, so that it also works under FSDP."""
         cfg = self.config
-        adapters = self.adapters_for(inputs) if adapters is None else adapters
-        if lora.adapter_names(self.llm):
-            lora.set_active_adapters(self.llm, adapters)
+        adapters = self.activate_adapters(inputs, adapters)
         assembled, media = self.prepare(inputs)
-        state, keeps = run_layers(
-            self.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(),
-            cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache,
-        )
+        state, keeps = self.run_decoder(assembled, cache)
         logits = self.lm_head(state.hidden) if return_logits else None
         has_target = state.targets != IGNORE
         ce = None
