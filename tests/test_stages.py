@@ -21,13 +21,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lyra_pl.model import lora
 from lyra_pl.model.assemble import IGNORE
 from lyra_pl.model.audio import AudioBatch
+from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.training.stages import (
     JointSFTStage,
     LongSpeechStage,
     SpeechAlignStage,
     SpeechGenStage,
-    parameter_counts,
 )
 
 SPEECH = 502
@@ -100,9 +100,9 @@ def test_trainable_set_per_stage(case):
     stage.configure_model()
     stage.configure_model()  # idempotent
     model = stage.model
-    trains = {row for row, (t, _) in parameter_counts(model).items() if t}
+    trains = {row for row, (t, _) in parameter_rows(model).items() if t}
     assert trains == parts | ({f"lora:{adapter}"} if adapter else set())
-    for row, (t, f) in parameter_counts(model).items():
+    for row, (t, f) in parameter_rows(model).items():
         assert (t == 0) or (f == 0), f"{row} is partly trainable"
     assert lora.adapter_names(model.llm) == ([adapter] if adapter else [])
     for name, p in model.named_parameters():

@@ -7,10 +7,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
+from lyra_pl.model import lora
 from lyra_pl.model.config import PRESETS, LyraConfig
+
+if TYPE_CHECKING:
+    from lyra_pl.model.lyra import LyraModel
 
 
 def parameter_counts(config: LyraConfig) -> dict[str, int]:
@@ -20,17 +25,36 @@ def parameter_counts(config: LyraConfig) -> dict[str, int]:
 
     with torch.device("meta"):
         model = LyraModel(config)
-    seen: set[int] = set()
-    counts: dict[str, int] = {}
-    for name, module in model.components().items():
-        n = 0
-        for p in module.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                n += p.numel()
-        counts[name] = n
+    counts = {row: t + f for row, (t, f) in parameter_rows(model).items()}
     counts["total"] = sum(counts.values())
     return counts
+
+
+def _adapter_of(name: str, adapters: list[str]) -> str | None:
+    """The adapter a parameter belongs to (peft names it ``...<lora_X>.<adapter>.weight``)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith("lora_") and parts[i + 1] in adapters:
+            return parts[i + 1]
+    return None
+
+
+def parameter_rows(model: LyraModel) -> dict[str, tuple[int, int]]:
+    """``{row: (trainable, frozen)}`` per component (:meth:`LyraModel.components`, LoRA weights
+    excluded) and per LoRA adapter (``lora:<name>``)."""
+    adapters = lora.adapter_names(model.llm)
+    rows: dict[str, list[int]] = {}
+    seen: set[int] = set()  # tied weights count once, under the first component
+    for component, module in model.components().items():
+        rows.setdefault(component, [0, 0])  # a row even when all is shared (tied lm_head: 0)
+        for name, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            adapter = _adapter_of(name, adapters) if component == "llm" else None
+            row = rows.setdefault(f"lora:{adapter}" if adapter else component, [0, 0])
+            row[0 if p.requires_grad else 1] += p.numel()
+    return {row: (t, f) for row, (t, f) in rows.items()}
 
 
 def _human(n: float) -> str:

@@ -46,6 +46,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lyra_pl.model import loading, lora
+from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
@@ -64,35 +65,9 @@ def split_batch(batch: LyraInputs | dict) -> tuple[LyraInputs, Tensor | None, Te
 
 
 # ----------------------------------------------------------------------------- reporting
-def _adapter_of(name: str, adapters: list[str]) -> str | None:
-    """The adapter a parameter belongs to (peft names it ``...<lora_X>.<adapter>.weight``)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.startswith("lora_") and parts[i + 1] in adapters:
-            return parts[i + 1]
-    return None
-
-
-def parameter_counts(model: LyraModel) -> dict[str, tuple[int, int]]:
-    """``{row: (trainable, frozen)}`` per component (:meth:`LyraModel.components`, LoRA weights
-    excluded) and per LoRA adapter (``lora:<name>``)."""
-    adapters = lora.adapter_names(model.llm)
-    rows: dict[str, list[int]] = {}
-    seen: set[int] = set()  # tied weights count once, under the first component
-    for component, module in model.components().items():
-        for name, p in module.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            adapter = _adapter_of(name, adapters) if component == "llm" else None
-            row = rows.setdefault(f"lora:{adapter}" if adapter else component, [0, 0])
-            row[0 if p.requires_grad else 1] += p.numel()
-    return {row: (t, f) for row, (t, f) in rows.items()}
-
-
 def parameter_table(model: LyraModel, title: str = "parameters") -> str:
     """A text table of trainable vs frozen parameters per component and LoRA adapter."""
-    counts = parameter_counts(model)
+    counts = parameter_rows(model)
     width = max(len(r) for r in [*counts, "component"]) + 2
     lines = [title, f"{'component':<{width}}{'trainable':>14}{'frozen':>16}"]
     for row, (t, f) in counts.items():
