@@ -37,7 +37,7 @@ def decode_audio(data: bytes, name: str = "audio") -> tuple[np.ndarray, int]:
                 rate, channels, width = w.getframerate(), w.getnchannels(), w.getsampwidth()
                 raw = w.readframes(w.getnframes())
         except (wave.Error, EOFError) as e:
-            raise MediaError(f"{name}: corrupt WAV ({e or 'truncated header'})") from None
+            raise MediaError(f"{name}: corrupt WAV ({str(e) or 'truncated header'})") from None
         if width == 1:
             x = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
         elif width == 2:
