@@ -88,6 +88,7 @@ setup(
     install_requires=[
         "torch>=2.11",
         "lightning>=2.6",
+        "jsonargparse[signatures]>=4.27.7",  # LightningCLI
         "transformers>=5.17",
         "peft>=0.17",
         "torchmetrics>=1.8",

@@ -18,9 +18,30 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.training.plan import main as plan_main
 
         return plan_main(argv[1:])
+    if argv[:1] in (["fit"], ["validate"], ["predict"], ["test"]):
+        from lyra_pl.training.cli import main as cli_main
+
+        return cli_main(argv)
+    if argv[:1] == ["pipeline"]:
+        from lyra_pl.training.cli import pipeline
+
+        return pipeline(argv[1:])
+    if argv[:2] == ["data", "convert"]:
+        from lyra_pl.data.convert import main as convert_main
+
+        return convert_main(argv[2:])
+    if argv[:2] == ["corpus", "build"]:
+        from lyra_pl.data.corpus.build import main as corpus_main
+
+        return corpus_main(argv[2:])
     print(
-        "usage: lyra-pl {bench,info,plan} [options]\n\n"
-        "subcommands:\n  bench    benchmarks (see `lyra-pl bench --help`)\n"
+        "usage: lyra-pl {fit,validate,predict,pipeline,data,corpus,bench,info,plan} [options]\n\n"
+        "subcommands:\n"
+        "  fit|validate|predict  a stage (`lyra-pl fit --config configs/tiny/stage2_joint_sft.yaml`)\n"
+        "  pipeline the four stages in order (`lyra-pl pipeline --preset tiny`)\n"
+        "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards\n"
+        "  corpus   `lyra-pl corpus build --out data/tiny`: build the tiny corpus (espeak-ng)\n"
+        "  bench    benchmarks (see `lyra-pl bench --help`)\n"
         "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)\n"
         "  plan     per-GPU memory estimate (`lyra-pl plan --preset pro --nodes 4 [--json]`)",
         file=sys.stderr if argv[:1] not in (["-h"], ["--help"]) else sys.stdout,

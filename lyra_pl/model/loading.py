@@ -145,13 +145,23 @@ def load_whisper(model: nn.Module, directory: str | Path) -> None:
     _init_buffers(model)
 
 
-def save_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] = PARTS) -> None:
-    """Our trained parts, one safetensors file each (``<part>.safetensors``)."""
+def full_tensor(t: Tensor) -> Tensor:
+    """A plain tensor of ``t``; a sharded (DTensor) one is gathered, which every rank must do
+    together (duck-typed, so the model needs no distributed import)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] = PARTS,
+               write: bool = True) -> None:
+    """Our trained parts, one safetensors file each (``<part>.safetensors``). Sharded weights
+    are gathered first: call it on every rank, with ``write`` true on one."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     for part in parts:
-        state = {k: v.detach().contiguous().cpu() for k, v in getattr(model, part).state_dict().items()}
-        save_file(state, str(d / f"{part}.safetensors"), metadata={"lyra_part": part})
+        state = {k: full_tensor(v.detach()).contiguous().cpu()
+                 for k, v in getattr(model, part).state_dict().items()}
+        if write:
+            d.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(d / f"{part}.safetensors"), metadata={"lyra_part": part})
 
 
 def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] | None = None) -> list[str]:

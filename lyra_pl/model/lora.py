@@ -255,7 +255,8 @@ def _adapter_state_dict(module: nn.Module, name: str) -> dict[str, torch.Tensor]
     return get_peft_model_state_dict(module, adapter_name=name, save_embedding_layers=False)
 
 
-def save_adapter(module: nn.Module, name: str, directory: str | os.PathLike) -> None:
+def save_adapter(module: nn.Module, name: str, directory: str | os.PathLike,
+                 write: bool = True) -> None:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` as
     ``PeftModel.save_pretrained`` does for one adapter, so ``LoraConfig.from_pretrained`` and
     ``PeftModel.from_pretrained`` read it.
@@ -265,15 +266,19 @@ def save_adapter(module: nn.Module, name: str, directory: str | os.PathLike) -> 
     chosen at load time). ``set_peft_model_state_dict`` strips that prefix when the model it
     loads into is not wrapped, so :func:`load_adapter` reads prefixed and plain keys alike. The
     adapter name goes into the safetensors metadata, which peft ignores. Save from one rank, on
-    an unsharded (or gathered) module: sharded tensors are not gathered here.
+    any module: sharded tensors are gathered, so under FSDP2 call it on every rank
+    with ``write`` true on one.
     """
     _check_known(module, [name])
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        PEFT_KEY_PREFIX + key: value.detach().contiguous().cpu()
+    state = {  # sharded (DTensor) weights are gathered: every rank calls, one writes
+        PEFT_KEY_PREFIX + key: (value.full_tensor() if hasattr(value, "full_tensor") else value)
+        .detach().contiguous().cpu()
         for key, value in _adapter_state_dict(module, name).items()
     }
+    if not write:
+        return
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", _NAME_METADATA: name})
 
     config = copy.deepcopy(module.peft_config[name])

@@ -8,6 +8,7 @@ nothing of any of this.
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 
@@ -60,3 +61,39 @@ def parallelize(
     # ``generate`` does not, so generation needs an unsharded model.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+def data_parallel_mesh(device_mesh, num_nodes: int = 1, hybrid: bool = False):
+    """The mesh FSDP2 shards over, from Lightning's ``("data_parallel", "tensor_parallel")``
+    mesh: its data-parallel dimension, or with ``hybrid`` a 2-D ``("replicate", "shard")`` mesh
+    that shards within a node and replicates across the ``num_nodes`` nodes (HSDP: the
+    all-gathers stay on the fast intra-node links)."""
+    dp = device_mesh["data_parallel"]
+    if not hybrid or num_nodes <= 1:
+        return dp
+    size = dp.size()
+    if size % num_nodes:
+        raise ValueError(f"hybrid sharding needs the {size} data-parallel ranks to split evenly "
+                         f"over {num_nodes} nodes")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(dp.device_type, (num_nodes, size // num_nodes),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` for pure data parallelism with FSDP2: every rank is
+    a data-parallel rank (its own "auto" means one data-parallel rank per node, with tensor
+    parallelism inside a node). The stages' ``configure_model`` applies FSDP2 over it
+    (:func:`parallelize`); it runs on CPU (gloo) and GPU (nccl) and saves distributed
+    checkpoints that load on any number of ranks."""
+
+    def __init__(self, save_distributed_checkpoint: bool = True,
+                 process_group_backend: str | None = None, **kwargs):
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.world_size
+        super().setup_environment()

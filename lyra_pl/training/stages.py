@@ -50,7 +50,7 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
-from lyra_pl.training.parallelize import parallelize
+from lyra_pl.training.parallelize import data_parallel_mesh, parallelize
 
 
 # ----------------------------------------------------------------------------- batches
@@ -100,6 +100,9 @@ class LyraStage(L.LightningModule):
             the Whisper encoder (anything not given keeps its random initialization).
         lr, weight_decay, warmup_ratio, betas: AdamW and the cosine schedule (linear warmup
             over ``warmup_ratio`` of the optimizer steps).
+        hybrid_shard: under FSDP2 on several nodes, shard within a node and replicate across
+            nodes (HSDP) instead of sharding over every rank.
+        max_new_tokens: answer length limit of ``predict`` (greedy generation).
         activation_checkpointing, compile, param_dtype, reduce_dtype: passed to
             :func:`~lyra_pl.training.parallelize.parallelize` (the dtypes are FSDP2's mixed
             precision, used only under ``ModelParallelStrategy``; None keeps the weights' dtype).
@@ -128,6 +131,8 @@ class LyraStage(L.LightningModule):
         compile: bool = False,
         param_dtype: str | None = "bfloat16",
         reduce_dtype: str | None = "float32",
+        hybrid_shard: bool = False,
+        max_new_tokens: int = 32,
     ):
         super().__init__()
         if not 0.0 <= warmup_ratio < 1.0:
@@ -146,6 +151,8 @@ class LyraStage(L.LightningModule):
         self.compile_layers = compile
         self.param_dtype = _dtype(param_dtype)
         self.reduce_dtype = _dtype(reduce_dtype)
+        self.hybrid_shard = hybrid_shard
+        self.max_new_tokens = max_new_tokens
         self.config = self.model_config()  # validated now, not in the middle of a launch
         self.model: LyraModel | None = None
         self._warned_adapter = False
@@ -170,7 +177,10 @@ class LyraStage(L.LightningModule):
         self.setup_trainable(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise RuntimeError(f"{type(self).__name__}: setup_trainable left nothing to train")
-        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        mesh = None
+        if self.device_mesh is not None:
+            mesh = data_parallel_mesh(self.device_mesh, self.trainer.num_nodes,
+                                      hybrid=self.hybrid_shard)
         parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
                     compile=self.compile_layers, param_dtype=self.param_dtype,
                     reduce_dtype=self.reduce_dtype)
@@ -199,18 +209,16 @@ class LyraStage(L.LightningModule):
         """Writes what the next stage needs: ``<part>.safetensors`` for the projectors and the
         speech generator, ``adapter_<name>/`` per LoRA adapter, and ``config.json``.
 
-        Call it on an unsharded model (single process, or after gathering): FSDP2-sharded
-        weights are refused rather than saved as shards."""
+        Under FSDP2 every rank must call it (sharded weights are gathered part by part; the
+        encoders and the LLM, which no stage hands on, never are); global rank 0 writes."""
         model = self._require_model()
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
-            raise RuntimeError("save_model needs an unsharded model; under FSDP2 use Lightning's "
-                               "checkpoint (ckpt_path) and export from a single process")
+        write = self._trainer is None or self.trainer.is_global_zero
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        loading.save_parts(model, d)
+        loading.save_parts(model, d, write=write)
         for name in lora.adapter_names(model.llm):
-            lora.save_adapter(model.llm, name, d / f"adapter_{name}")
-        (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+            lora.save_adapter(model.llm, name, d / f"adapter_{name}", write=write)
+        if write:
+            (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         return d
 
     @staticmethod
@@ -285,6 +293,16 @@ class LyraStage(L.LightningModule):
 
     def validation_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:
         return self._step(batch, "val")[0]
+
+    def predict_step(self, batch: LyraInputs | dict, batch_idx: int) -> dict[str, Any]:
+        """Greedy answers to prompt batches (``LyraDataModule`` prediction): the generated ids
+        per sample, with the batch's keys / reference answers / choices passed through for
+        :class:`~lyra_pl.training.evaluation.AnswerAccuracy`."""
+        inputs = split_batch(batch)[0]
+        out = self._require_model().generate(inputs, max_new_tokens=self.max_new_tokens)
+        extra = {k: batch[k] for k in ("keys", "answers", "choices")
+                 if isinstance(batch, dict) and k in batch}
+        return {"tokens": out.tokens, **extra}
 
     def _check_adapter_used(self, inputs: LyraInputs, out: LyraOutput) -> None:
         """Warns once when a batch with speech does not run the adapter this stage trains

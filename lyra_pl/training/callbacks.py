@@ -1,0 +1,103 @@
+"""Callbacks the stage configs use: the hand-off export and the answer-accuracy evaluation."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class ExportModel(L.Callback):
+    """At the end of ``fit``, writes the stage's hand-off directory (:meth:`LyraStage.save_model`:
+    projectors, speech generator, LoRA adapters, config) for the next stage's ``init_from``.
+
+    ``dirpath`` defaults to ``<trainer.default_root_dir>/export``."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(self.dirpath or Path(trainer.default_root_dir) / "export")
+        pl_module.save_model(path)
+        rank_zero_info(f"exported the stage's trained parts to {path}")
+
+
+class AnswerAccuracy(L.Callback):
+    """Scores ``predict`` outputs against the held-out answers: exact match after stripping
+    whitespace, case and a final period. Writes ``predictions.jsonl`` and ``accuracy.json``
+    (overall and per set of choices, with chance = 1 / number of choices and the majority
+    baseline of always answering the most frequent reference answer), prints a table, and
+    logs the numbers to the trainer's loggers."""
+
+    def __init__(self, output_dir: str | None = None, tokenizer: str | None = None):
+        self.output_dir = output_dir
+        self.tokenizer = tokenizer
+        self.rows: list[dict[str, Any]] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.rows = []
+        from lyra_pl.data.datamodule import resolve_path
+        from lyra_pl.data.decode import load_tokenizer
+
+        path = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        if path is None:
+            raise ValueError("AnswerAccuracy needs a tokenizer directory")
+        self._tok = load_tokenizer(resolve_path(path))
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
+                             dataloader_idx=0) -> None:
+        for i, ids in enumerate(outputs["tokens"]):
+            text = self._tok.decode(ids, skip_special_tokens=True)
+            answer = outputs["answers"][i]
+            choices = outputs["choices"][i]
+            self.rows.append({"key": outputs["keys"][i], "prediction": text, "answer": answer,
+                              "choices": choices, "correct": _norm(text) == _norm(answer)})
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if not self.rows:
+            return
+        out = Path(self.output_dir or Path(trainer.default_root_dir) / "eval")
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        with open(out / f"predictions{suffix}.jsonl", "w") as f:
+            for row in self.rows:
+                f.write(json.dumps(row) + "\n")
+        summary = accuracy_summary(self.rows)
+        (out / f"accuracy{suffix}.json").write_text(json.dumps(summary, indent=1))
+        rank_zero_info(format_summary(summary))
+        for lg in trainer.loggers:
+            lg.log_metrics({f"eval/{k}": v for k, v in summary["overall"].items()
+                            if isinstance(v, float)})
+
+
+def _norm(text: str | None) -> str:
+    return (text or "").strip().lower().rstrip(".").strip()
+
+
+def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy overall and per choice set, with chance and majority baselines."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        name = "/".join(r["choices"]) if r.get("choices") else "open"
+        groups.setdefault(name, []).append(r)
+
+    def stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        n = len(rs)
+        chance = [1.0 / len(r["choices"]) for r in rs if r.get("choices")]
+        majority = Counter(_norm(r["answer"]) for r in rs).most_common(1)[0][1] / n
+        return {"n": n, "accuracy": sum(r["correct"] for r in rs) / n,
+                "chance": sum(chance) / len(chance) if chance else float("nan"),
+                "majority": majority}
+
+    return {"overall": stats(rows), "groups": {k: stats(v) for k, v in sorted(groups.items())}}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'question set (choices)':<48}{'n':>5}{'accuracy':>10}{'chance':>8}{'majority':>10}"]
+    for name, s in [*summary["groups"].items(), ("overall", summary["overall"])]:
+        lines.append(f"{name[:47]:<48}{s['n']:>5}{s['accuracy']:>10.3f}{s['chance']:>8.3f}"
+                     f"{s['majority']:>10.3f}")
+    return "\n".join(lines)

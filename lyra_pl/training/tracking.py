@@ -1,0 +1,125 @@
+"""Experiment tracking: MLflow by default, in a local sqlite store, or any tracking URI.
+
+- :class:`LyraMLFlowLogger`: Lightning's ``MLFlowLogger`` with our defaults (experiment
+  ``lyra_pl``, ``sqlite:///mlflow.db`` in the working directory, which MLflow 3 accepts
+  offline, unlike ``file:./mlruns``), and plots of every logged metric uploaded at the end.
+- :class:`TrackConfig`: LightningCLI's config saver that also logs every config value as an
+  MLflow param (flattened, ``trainer.max_epochs`` style) and the config file as an artifact.
+- :class:`Throughput`: tokens per second of training, from the stage's ``train/tokens``.
+
+mlflow is imported only when used (the GPU machines may not have it).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+
+def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` if set, else a sqlite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class LyraMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger with a local default store; uploads metric plots when the run finishes."""
+
+    def __init__(self, experiment_name: str = "lyra_pl", run_name: str | None = None,
+                 tracking_uri: str | None = None, tags: dict[str, Any] | None = None,
+                 log_model: bool = False, artifact_location: str | None = None,
+                 plots: bool = True):
+        super().__init__(experiment_name=experiment_name, run_name=run_name,
+                         tracking_uri=tracking_uri or default_tracking_uri(), tags=tags,
+                         log_model=log_model, artifact_location=artifact_location)
+        self.plots = plots
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self.plots and self._initialized:
+            try:
+                self.log_metric_plots()
+            except Exception as e:  # a plotting problem must not fail a finished run
+                import warnings
+                warnings.warn(f"could not upload metric plots to MLflow: {e}")
+        super().finalize(status)
+
+    def log_metric_plots(self) -> None:
+        """One PNG per logged metric (value against step), uploaded under ``plots/``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        client, run_id = self.experiment, self.run_id
+        names = sorted(client.get_run(run_id).data.metrics)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in names:
+                history = client.get_metric_history(run_id, name)
+                if len(history) < 2:
+                    continue
+                fig, ax = plt.subplots(figsize=(5, 3.2))
+                ax.plot([m.step for m in history], [m.value for m in history])
+                ax.set_xlabel("step")
+                ax.set_title(name)
+                fig.tight_layout()
+                fig.savefig(Path(tmp) / (name.replace("/", "_") + ".png"), dpi=90)
+                plt.close(fig)
+            if any(Path(tmp).iterdir()):
+                client.log_artifacts(run_id, tmp, "plots")
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts/lists -> ``{"a.b.0": value}``."""
+    out: dict[str, Any] = {}
+    if isinstance(config, dict):
+        for k, v in config.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(config, (list, tuple)) and config and any(isinstance(v, (dict, list))
+                                                              for v in config):
+        for i, v in enumerate(config):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = config
+    return out
+
+
+class TrackConfig(SaveConfigCallback):
+    """Saves the CLI config as usual, and sends it to an MLflow logger: every value as a
+    param, the YAML file as an artifact."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)]
+        if not loggers:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        import yaml
+
+        params = flatten(yaml.safe_load(text))
+        for lg in loggers:
+            lg.log_hyperparams({k: ("null" if v is None else v) for k, v in params.items()})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / self.config_filename
+                path.write_text(text)
+                lg.experiment.log_artifact(lg.run_id, str(path))
+
+
+class Throughput(L.Callback):
+    """Logs ``train/tokens_per_s``: tokens entering the decoder per second of training step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        tokens = trainer.callback_metrics.get("train/tokens")
+        if tokens is None or not hasattr(self, "_t0"):
+            return
+        seconds = max(time.perf_counter() - self._t0, 1e-9)
+        pl_module.log("train/tokens_per_s", float(tokens) / seconds, on_step=True,
+                      on_epoch=False, batch_size=1)
