@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.data.convert import main as convert_main
 
         return convert_main(argv[2:])
-    if argv[:2] == ["corpus", "build"]:
+    if argv[:1] == ["corpus"]:
         from lyra_pl.data.corpus.build import main as corpus_main
 
-        return corpus_main(argv[2:])
+        return corpus_main(argv[1:])
     print(
         "usage: lyra-pl {fit,validate,predict,pipeline,data,corpus,bench,info,plan} [options]\n\n"
         "subcommands:\n"

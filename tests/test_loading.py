@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from transformers import Qwen2VLForConditionalGeneration, WhisperForConditionalGeneration
 
 from lyra_pl.model import LyraConfig, LyraInputs, LyraModel, lora
-from lyra_pl.model.loading import load_parts, load_qwen2vl, load_whisper, save_parts
+from lyra_pl.model.loading import (load_parts, load_qwen2vl, load_whisper, save_parts,
+                                   save_qwen2vl, save_whisper)
 
 
 def _randomize(module: torch.nn.Module, seed: int) -> None:
@@ -259,3 +260,26 @@ def test_adapter_roundtrip(tmp_path, ckpt, cfg):
     assert lora.adapter_names(loaded.llm) == ["speech"]
     got = {n: p.detach() for n, p in loaded.llm.named_parameters() if ".speech." in n}
     _assert_same(got, saved)
+
+
+def test_save_qwen2vl_and_whisper_round_trip(tmp_path, cfg):
+    """The tiny preset's stage-0 hand-off: our LLM + ViT + lm_head written as a Qwen2-VL
+    checkpoint that transformers loads with nothing missing and that loads back into a fresh
+    model exactly; the audio encoder as a Whisper checkpoint, likewise."""
+    torch.manual_seed(3)
+    model = LyraModel(cfg)
+    _randomize(model, 3)
+    save_qwen2vl(model, tmp_path / "q")
+    save_whisper(model, tmp_path / "w")
+
+    hf, info = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path / "q",
+                                                                output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    _assert_same(_mapped(hf.state_dict()), _ours(model))
+
+    fresh = LyraModel(cfg)
+    load_qwen2vl(fresh, tmp_path / "q")
+    load_whisper(fresh, tmp_path / "w")
+    _assert_same(_ours(fresh), _ours(model))
+    a, b = fresh.audio_encoder.whisper.state_dict(), model.audio_encoder.whisper.state_dict()
+    _assert_same(a, b)

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import subprocess
-import sys
-import textwrap
 import warnings
 from pathlib import Path
 
@@ -281,45 +278,3 @@ def test_resume_from_lightning_checkpoint(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
-
-
-_DISTRIBUTED = textwrap.dedent("""
-    import sys, torch, lightning as L
-    from pathlib import Path
-    from lightning.pytorch.strategies import ModelParallelStrategy
-    sys.path.insert(0, "tests")
-    from test_stages import speech_batch, loader
-    from lyra_pl.training.stages import JointSFTStage
-    torch.manual_seed(0)
-    stage = JointSFTStage(lora_r=4, lora_alpha=8, param_dtype=None, reduce_dtype=None, lr=1e-2)
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=2, strategy=strategy,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(stage, loader([speech_batch(i, transcripts=True) for i in range(2)]))
-    weight = next(stage.model.speech_projector.parameters())
-    assert type(weight).__name__ == "DTensor", type(weight)
-    loss = float(trainer.callback_metrics["train/loss"])
-    assert loss == loss, loss
-    full = {k: v.full_tensor() for k, v in stage.model.speech_projector.state_dict().items()}
-    stage.save_model("export")  # every rank gathers, rank 0 writes
-    if trainer.global_rank == 0:
-        from safetensors.torch import load_file
-        saved = load_file("export/speech_projector.safetensors")
-        assert saved.keys() == full.keys()
-        assert all(torch.equal(saved[k], full[k]) for k in full)
-        assert (Path("export") / "adapter_speech" / "adapter_model.safetensors").is_file()
-    open(f"rank{trainer.global_rank}.ok", "w").close()  # files: the ranks' stdout interleaves
-""")
-
-
-def test_fsdp2_two_cpu_processes(tmp_path):
-    """configure_model shards over the data-parallel mesh of Lightning's ModelParallelStrategy
-    (PLATFORM.md: the one that works on CPU); a fresh interpreter, as Lightning relaunches it."""
-    root = Path(__file__).resolve().parents[1]
-    script = tmp_path / "fsdp2_stage.py"  # Lightning relaunches sys.argv: a file, not -c
-    script.write_text(_DISTRIBUTED.replace('"tests"', repr(str(root / "tests"))))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()

@@ -422,7 +422,8 @@ def convert(json_path: str | Path, out_dir: str | Path, media_root: str | Path |
     report.seconds = round(time.perf_counter() - start, 3)
     counts = {"converted": report.converted, "skipped": len(report.skipped),
               "failed": len(report.failed), "resampled": report.resampled}
-    shards.write_manifest(out_dir, report.shards, source=str(json_path), report=counts)
+    shards.write_manifest(out_dir, report.shards, source=str(json_path),
+                          source_sha256=shards.file_sha256(json_path), report=counts)
     (out_dir / REPORT).write_text(json.dumps(report.to_dict(), indent=1, ensure_ascii=False))
     return report
 

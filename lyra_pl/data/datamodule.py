@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lyra_pl.data import conversation as conv
 from lyra_pl.data.decode import SampleDecoder
-from lyra_pl.data.shards import MANIFEST, read_manifest
+from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256, read_manifest
 from lyra_pl.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -131,20 +131,24 @@ class LyraDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
-        """Converts each split whose directory is missing but whose source JSON is given."""
+        """Converts each split whose source JSON is given and whose directory is missing or
+        was converted from a different version of that JSON (the manifest keeps its hash)."""
         from lyra_pl.data.convert import convert
 
+        done: set[Path] = set()
         for split, path in self.paths.items():
             source = self.sources[split]
-            if path is None or source is None or (resolve_path(path) / MANIFEST).is_file():
+            if path is None or source is None or resolve_path(path) in done:
                 continue
-            src = resolve_path(source)
+            src, out = resolve_path(source), resolve_path(path)
             if not src.is_file():
                 raise FileNotFoundError(f"{split}_source {str(src)!r} does not exist "
                                         "(build the tiny corpus with `lyra-pl corpus build`)")
-            out = resolve_path(path)
+            done.add(out)
+            if (out / MANIFEST).is_file() and manifest_source_sha256(out) == file_sha256(src):
+                continue
             rank_zero_info(f"converting {src} -> {out}")
-            report = convert(src, out, samples_per_shard=self.samples_per_shard)
+            report = convert(src, out, samples_per_shard=self.samples_per_shard, overwrite=True)
             rank_zero_info(report.summary())
 
     def _shards(self, split: str) -> list[tuple[str, int]]:

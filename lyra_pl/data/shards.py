@@ -20,6 +20,7 @@ One sample = the members sharing its key (the sample's ``id`` with unsafe charac
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -37,6 +38,19 @@ def sample_key(sample_id: Any) -> str:
     if not key:
         raise ValueError(f"sample id {sample_id!r} gives an empty key")
     return key
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_source_sha256(directory: str | Path) -> str | None:
+    """The hash of the JSON a dataset was converted from (None: unknown or no manifest)."""
+    path = Path(directory) / MANIFEST
+    try:
+        return json.loads(path.read_text()).get("source_sha256")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def write_manifest(directory: str | Path, shards: list[dict[str, Any]], **extra: Any) -> Path:

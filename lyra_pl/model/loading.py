@@ -127,6 +127,43 @@ def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
     _init_buffers(model)
 
 
+def _save_checkpoint(tensors: dict[str, Tensor], config, directory: str | Path) -> Path:
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.save_pretrained(str(d))
+    return d
+
+
+def save_qwen2vl(model: nn.Module, directory: str | Path, write: bool = True) -> None:
+    """``model.llm``, ``lm_head`` and ``visual`` as a Qwen2-VL checkpoint directory (keys of
+    transformers' ``Qwen2VLForConditionalGeneration``, its config.json), which
+    :func:`load_qwen2vl` and transformers both read: the tiny preset's trained base VLM
+    is handed to the later stages as their ``qwen2vl``. Sharded weights are gathered (call
+    on every rank, ``write`` on one)."""
+    tensors = {}
+    for prefix, module in (("model.language_model.", model.llm), ("model.visual.", model.visual),
+                           ("lm_head.", model.lm_head)):
+        if prefix == "lm_head." and model.config.tie_word_embeddings:
+            continue
+        for k, v in module.state_dict().items():
+            if ".lora_" in k or k.endswith("rotary_emb.inv_freq"):
+                continue  # adapters are saved apart; rotary tables are rebuilt
+            tensors[prefix + k.replace(".base_layer.", ".")] = full_tensor(v.detach()).cpu()
+    if write:
+        _save_checkpoint(tensors, model.config.qwen2vl_config(), directory)
+
+
+def save_whisper(model: nn.Module, directory: str | Path, write: bool = True) -> None:
+    """The audio encoder as a Whisper checkpoint directory (encoder keys only), read by
+    :func:`load_whisper`: how the tiny preset keeps one frozen random encoder across stages."""
+    tensors = {"model.encoder." + k: full_tensor(v.detach()).cpu()
+               for k, v in model.audio_encoder.whisper.state_dict().items()}
+    if write:
+        _save_checkpoint(tensors, model.config.whisper_config(), directory)
+
+
 def load_whisper(model: nn.Module, directory: str | Path) -> None:
     """The encoder of a Whisper checkpoint into ``model.audio_encoder.whisper``."""
     cfg = model.config

@@ -28,7 +28,7 @@ class ExportModel(L.Callback):
 class AnswerAccuracy(L.Callback):
     """Scores ``predict`` outputs against the held-out answers: exact match after stripping
     whitespace, case and a final period. Writes ``predictions.jsonl`` and ``accuracy.json``
-    (overall and per set of choices, with chance = 1 / number of choices and the majority
+    (overall, per instruction kind and per set of choices, with chance = 1 / number of choices and the majority
     baseline of always answering the most frequent reference answer), prints a table, and
     logs the numbers to the trainer's loggers."""
 
@@ -53,8 +53,9 @@ class AnswerAccuracy(L.Callback):
             text = self._tok.decode(ids, skip_special_tokens=True)
             answer = outputs["answers"][i]
             choices = outputs["choices"][i]
-            self.rows.append({"key": outputs["keys"][i], "prediction": text, "answer": answer,
-                              "choices": choices, "correct": _norm(text) == _norm(answer)})
+            self.rows.append({"key": outputs["keys"][i], "instruction": outputs["instruction"][i],
+                              "prediction": text, "answer": answer, "choices": choices,
+                              "correct": _norm(text) == _norm(answer)})
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if not self.rows:
@@ -68,9 +69,14 @@ class AnswerAccuracy(L.Callback):
         summary = accuracy_summary(self.rows)
         (out / f"accuracy{suffix}.json").write_text(json.dumps(summary, indent=1))
         rank_zero_info(format_summary(summary))
+        metrics = {f"eval/{k}": v for k, v in summary["overall"].items() if isinstance(v, float)}
+        for name, stats in summary["groups"].items():
+            if name.endswith(": all"):
+                kind = name.split(":")[0]
+                metrics.update({f"eval/{kind}_{k}": v for k, v in stats.items()
+                                if isinstance(v, float)})
         for lg in trainer.loggers:
-            lg.log_metrics({f"eval/{k}": v for k, v in summary["overall"].items()
-                            if isinstance(v, float)})
+            lg.log_metrics(metrics)
 
 
 def _norm(text: str | None) -> str:
@@ -78,11 +84,13 @@ def _norm(text: str | None) -> str:
 
 
 def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy overall and per choice set, with chance and majority baselines."""
+    """Accuracy overall, per instruction kind (spoken, typed, sound) and per set of choices,
+    with chance and majority baselines."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
-        name = "/".join(r["choices"]) if r.get("choices") else "open"
-        groups.setdefault(name, []).append(r)
+        choices = "/".join(r["choices"]) if r.get("choices") else "open"
+        groups.setdefault(f"{r.get('instruction', '?')}: {choices}", []).append(r)
+        groups.setdefault(f"{r.get('instruction', '?')}: all", []).append(r)
 
     def stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
         n = len(rs)
@@ -96,7 +104,7 @@ def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    lines = [f"{'question set (choices)':<48}{'n':>5}{'accuracy':>10}{'chance':>8}{'majority':>10}"]
+    lines = [f"{'instruction: choices':<48}{'n':>5}{'accuracy':>10}{'chance':>8}{'majority':>10}"]
     for name, s in [*summary["groups"].items(), ("overall", summary["overall"])]:
         lines.append(f"{name[:47]:<48}{s['n']:>5}{s['accuracy']:>10.3f}{s['chance']:>8.3f}"
                      f"{s['majority']:>10.3f}")

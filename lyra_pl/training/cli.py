@@ -18,7 +18,7 @@ from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
 from lyra_pl.training.tracking import TrackConfig
 
-STAGE_FILES = {1: "stage1_speech_align", 2: "stage2_joint_sft", 3: "stage3_long_speech",
+STAGE_FILES = {0: "stage0_base_vlm", 1: "stage1_speech_align", 2: "stage2_joint_sft", 3: "stage3_long_speech",
                4: "stage4_speech_gen"}
 
 
@@ -45,40 +45,60 @@ def config_path(preset: str, stage: int) -> Path:
 
 def pipeline(argv: list[str]) -> int:
     """Runs the stages in order, each starting from the previous one's export, then scores
-    stage 2 on its held-out spoken questions. Extra arguments go to every stage's CLI."""
+    stage 2 on its held-out questions. Extra arguments go to every stage's CLI. The tiny
+    preset begins with stage 0, its stand-in for a pretrained Qwen2-VL, whose export the
+    later stages load as their ``qwen2vl`` and ``whisper`` checkpoints."""
     parser = argparse.ArgumentParser(prog="lyra-pl pipeline", description=pipeline.__doc__)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--root", default=None,
-                        help="output directory (default runs/<preset>); stage N writes "
-                             "<root>/<stage name>/{checkpoints,export}")
-    parser.add_argument("--stages", default="1,2,3,4", help="comma-separated, in order")
+                        help="output directory (default runs/<preset>); a stage writes "
+                             "<root>/<stage name>/{checkpoints,export,eval}")
+    parser.add_argument("--stages", default=None,
+                        help="comma-separated, in order (default: 0,1,2,3,4 where the preset "
+                             "has a stage-0 config, else 1,2,3,4)")
     parser.add_argument("--no-eval", action="store_true", help="skip the stage-2 evaluation")
     args, extra = parser.parse_known_args(argv)
     root = Path(args.root or f"runs/{args.preset}")
-    stages = [int(s) for s in args.stages.split(",")]
+    if args.stages:
+        stages = [int(s) for s in args.stages.split(",")]
+    else:
+        stages = [s for s in STAGE_FILES if s or _has_config(args.preset, s)]
+    base = root / STAGE_FILES[0] / "export"
     previous: Path | None = None
     timings = []
+
+    def run(subcommand: str, stage: int, out: Path, init_from: Path | None) -> None:
+        cli_args = [subcommand, "--config", str(config_path(args.preset, stage)),
+                    f"--trainer.default_root_dir={out}"]
+        if init_from is not None:
+            cli_args.append(f"--model.init_args.init_from={init_from}")
+        if stage > 0 and 0 in stages:  # this run's own base model, not the config's default
+            cli_args += [f"--model.init_args.qwen2vl={base / 'qwen2vl'}",
+                         f"--model.init_args.whisper={base / 'whisper'}"]
+        t0 = time.perf_counter()
+        LyraCLI(cli_args + extra)
+        timings.append((f"{STAGE_FILES[stage]} {subcommand}", time.perf_counter() - t0))
+
     for stage in stages:
         out = root / STAGE_FILES[stage]
-        cli_args = ["fit", "--config", str(config_path(args.preset, stage)),
-                    f"--trainer.default_root_dir={out}"]
-        if previous is not None:
-            cli_args.append(f"--model.init_args.init_from={previous}")
-        t0 = time.perf_counter()
         print(f"\n=== stage {stage}: {STAGE_FILES[stage]} -> {out}", flush=True)
-        LyraCLI(cli_args + extra)
-        timings.append((STAGE_FILES[stage], time.perf_counter() - t0))
-        previous = out / "export"
+        run("fit", stage, out, previous if stage > 1 else None)
+        if stage >= 1:
+            previous = out / "export"
         if stage == 2 and not args.no_eval:
-            t0 = time.perf_counter()
             print(f"\n=== stage 2 evaluation: held-out questions -> {out / 'eval'}", flush=True)
-            LyraCLI(["predict", "--config", str(config_path(args.preset, 2)),
-                     f"--trainer.default_root_dir={out}",
-                     f"--model.init_args.init_from={previous}"] + extra)
-            timings.append(("stage2 evaluation", time.perf_counter() - t0))
-    print("\n" + "\n".join(f"{name:<24}{sec:8.1f} s" for name, sec in timings))
-    print(f"{'total':<24}{sum(s for _, s in timings):8.1f} s")
+            run("predict", stage, out, previous)
+    print("\n" + "\n".join(f"{name:<32}{sec:8.1f} s" for name, sec in timings))
+    print(f"{'total':<32}{sum(s for _, s in timings):8.1f} s")
     return 0
+
+
+def _has_config(preset: str, stage: int) -> bool:
+    try:
+        config_path(preset, stage)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def main(argv: list[str]) -> int:

@@ -7,6 +7,8 @@ nothing of any of this.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
@@ -61,6 +63,31 @@ def parallelize(
     # ``generate`` does not, so generation needs an unsharded model.
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+@contextmanager
+def unsharded_root(model: nn.Module):
+    """Gathers the FSDP2 root's own parameters (embeddings, lm_head, projectors) for code that
+    calls submodules directly instead of the root's forward, such as generation; the sharded
+    layers gather themselves in their forward hooks. No-op on an unsharded model."""
+    if not hasattr(model, "unshard"):
+        yield model
+        return
+    model.unshard()
+    try:
+        yield model
+    finally:
+        model.reshard()
+
+
+def parameter_share(model: nn.Module) -> tuple[int, int]:
+    """(parameter values this rank holds, parameter values of the whole model): equal when
+    unsharded, about total / ranks under FSDP2."""
+    held = total = 0
+    for p in model.parameters():
+        total += p.numel()
+        held += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+    return held, total
 
 
 def data_parallel_mesh(device_mesh, num_nodes: int = 1, hybrid: bool = False):

@@ -3,6 +3,7 @@ shared base, :class:`LyraStage`.
 
 | stage | class | trainable | lr | model defaults |
 |---|---|---|---|---|
+| 0 base VLM (tiny only) | :class:`BaseVLMStage` | decoder, lm_head, ViT | 1e-3 | LCMR off |
 | 1 speech alignment | :class:`SpeechAlignStage` | speech projector | 1e-3 | LCMR off |
 | 2 joint SFT | :class:`JointSFTStage` | projector + ``speech`` LoRA (r64, a16) | 2e-4 | LCMR 0.5 |
 | 3 long speech SFT | :class:`LongSpeechStage` | projector + ``long_speech`` LoRA (r128, a256) | 1e-4 | LMME(4, 0.7) |
@@ -50,7 +51,8 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
-from lyra_pl.training.parallelize import data_parallel_mesh, parallelize
+from lyra_pl.training.parallelize import (data_parallel_mesh, parallelize, parameter_share,
+                                          unsharded_root)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -296,13 +298,18 @@ class LyraStage(L.LightningModule):
 
     def predict_step(self, batch: LyraInputs | dict, batch_idx: int) -> dict[str, Any]:
         """Greedy answers to prompt batches (``LyraDataModule`` prediction): the generated ids
-        per sample, with the batch's keys / reference answers / choices passed through for
+        per sample, how its instruction came (``speech``, ``sound`` or ``text``), and the
+        batch's keys / reference answers / choices passed through for
         :class:`~lyra_pl.training.evaluation.AnswerAccuracy`."""
         inputs = split_batch(batch)[0]
-        out = self._require_model().generate(inputs, max_new_tokens=self.max_new_tokens)
+        with unsharded_root(self._require_model()) as model:
+            out = model.generate(inputs, max_new_tokens=self.max_new_tokens)
         extra = {k: batch[k] for k in ("keys", "answers", "choices")
                  if isinstance(batch, dict) and k in batch}
-        return {"tokens": out.tokens, **extra}
+        counts = inputs.media_counts  # (B, 4): image, video, speech, sound items per sample
+        kinds = (["speech" if c[2] else "sound" if c[3] else "text" for c in counts.tolist()]
+                 if counts is not None else ["?"] * inputs.batch_size)
+        return {"tokens": out.tokens, "instruction": kinds, **extra}
 
     def _check_adapter_used(self, inputs: LyraInputs, out: LyraOutput) -> None:
         """Warns once when a batch with speech does not run the adapter this stage trains
@@ -344,8 +351,13 @@ class LyraStage(L.LightningModule):
 
     # ------------------------------------------------------------------ reporting
     def on_fit_start(self) -> None:
-        rank_zero_info(parameter_table(self._require_model(),
-                                       f"{type(self).__name__}: trainable vs frozen parameters"))
+        model = self._require_model()
+        rank_zero_info(parameter_table(model, f"{type(self).__name__}: trainable vs frozen "
+                                              "parameters"))
+        held, total = parameter_share(model)
+        if held != total:  # sharded: every rank says what it holds
+            print(f"[rank {self.global_rank}] holds {held:,} of {total:,} parameter values "
+                  f"({held / total:.1%}) under FSDP2", flush=True)
 
 
 def token_metrics(out: LyraOutput) -> dict[str, Tensor]:
@@ -384,6 +396,26 @@ class _LoraStage(LyraStage):
         if self.adapter not in lora.adapter_names(model.llm):
             lora.add_adapter(model.llm, self.adapter, self.lora_spec)
         lora.trainable_adapter_parameters(model.llm, [self.adapter])
+
+
+class BaseVLMStage(LyraStage):
+    """Stage 0, tiny preset only: trains the decoder, lm_head and ViT on typed image questions,
+    standing in for the pretrained Qwen2-VL that the real presets load. Its hand-off is a
+    Qwen2-VL checkpoint (``export/qwen2vl``) and the frozen audio encoder as a Whisper
+    checkpoint (``export/whisper``), which the later stages load as ``qwen2vl`` / ``whisper``."""
+
+    model_defaults = {"lcmr_weight": 0.0}
+    trainable_parts = ("llm", "lm_head", "visual")
+
+    def __init__(self, lr: float = 1e-3, **kwargs: Any):
+        super().__init__(lr=lr, **kwargs)
+
+    def save_model(self, directory: str | Path) -> Path:
+        d = super().save_model(directory)
+        write = self._trainer is None or self.trainer.is_global_zero
+        loading.save_qwen2vl(self._require_model(), d / "qwen2vl", write=write)
+        loading.save_whisper(self._require_model(), d / "whisper", write=write)
+        return d
 
 
 class SpeechAlignStage(LyraStage):
@@ -460,5 +492,5 @@ class SpeechGenStage(LyraStage):
 
 
 STAGES: dict[int, type[LyraStage]] = {
-    1: SpeechAlignStage, 2: JointSFTStage, 3: LongSpeechStage, 4: SpeechGenStage,
+    0: BaseVLMStage, 1: SpeechAlignStage, 2: JointSFTStage, 3: LongSpeechStage, 4: SpeechGenStage,
 }

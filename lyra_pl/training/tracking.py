@@ -29,16 +29,27 @@ def default_tracking_uri() -> str:
 
 
 class LyraMLFlowLogger(MLFlowLogger):
-    """MLFlowLogger with a local default store; uploads metric plots when the run finishes."""
+    """MLFlowLogger with a local default store; uploads metric plots when the run finishes.
+
+    ``save_dir``: a local directory for the run's files (the configs set it to the stage's
+    ``default_root_dir``)."""
 
     def __init__(self, experiment_name: str = "lyra_pl", run_name: str | None = None,
                  tracking_uri: str | None = None, tags: dict[str, Any] | None = None,
                  log_model: bool = False, artifact_location: str | None = None,
-                 plots: bool = True):
+                 plots: bool = True, save_dir: str | None = None):
         super().__init__(experiment_name=experiment_name, run_name=run_name,
                          tracking_uri=tracking_uri or default_tracking_uri(), tags=tags,
                          log_model=log_model, artifact_location=artifact_location)
         self.plots = plots
+        self._local_dir = save_dir
+
+    @property
+    def save_dir(self) -> str:
+        """Where local files of the run go (Lightning writes the CLI's config.yaml there):
+        ``save_dir`` if given, else MLflow's own directory for ``file:`` stores, else ".".
+        The tracking store itself is ``tracking_uri``."""
+        return self._local_dir or super().save_dir or "."
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
