@@ -223,17 +223,32 @@ def add_adapter(
     _inject(module, name, spec.to_peft(), fp32_weights)
 
 
-def set_active_adapters(module: nn.Module, names: Sequence[str]) -> None:
+def set_active_adapters(module: nn.Module, names: Sequence[str],
+                        zero: Sequence[str] = ()) -> None:
     """Make exactly ``names`` active (peft sums several); empty = the base model, bit-exactly.
 
+    ``zero``: adapters that also run, at scale 0: the output is unchanged but their weights
+    are in the autograd graph (with zero gradients), which sharded training needs when ranks
+    would otherwise use different adapters. Every call sets every adapter's scale, so a zero
+    scale never outlives its batch (and holds through activation-checkpoint recomputation).
     ``requires_grad`` is left as it was, so per-batch switching never changes what the
     optimizer owns. A layer an adapter does not target skips it (peft's forward does).
     """
     names = _check_known(module, names)
+    zero = [z for z in _check_known(module, zero) if z not in names]
+    active = [*names, *zero]
     with _keep_requires_grad(module):
-        set_adapter(module, names)
+        set_adapter(module, active)
         for layer in _tuner_layers(module):
-            layer.enable_adapters(bool(names))
+            layer.enable_adapters(bool(active))
+            for name in adapter_names(module):
+                layer.set_scale(name, 0.0 if name in zero else 1.0)
+
+
+def trainable_adapters(module: nn.Module) -> list[str]:
+    """The adapters with at least one weight that requires grad."""
+    return [name for name in adapter_names(module)
+            if any(p.requires_grad for p in _adapter_parameters(module, name))]
 
 
 def trainable_adapter_parameters(module: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:

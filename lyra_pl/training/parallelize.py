@@ -1,9 +1,11 @@
 """The one place that applies parallelism to a :class:`~lyra_pl.model.LyraModel`.
 
 Order (torchtitan's): activation checkpointing, then ``torch.compile``, then FSDP2
-(``fully_shard``) per decoder layer, the encoders and the speech generator as single units,
-then the root (embeddings, final norm, lm_head and the small projectors). The model file knows
-nothing of any of this.
+(``fully_shard``) per decoder layer, trainable encoders and the speech generator's layers as
+units, then the root (embeddings, final norm, lm_head and the small projectors); frozen
+encoders are replicated. The model file knows nothing of any of this, except that the stages
+ask it for a uniform autograd graph when sharded (``LyraModel.forward(uniform_graph=True)``):
+ranks with different modalities must still reduce the same gradients.
 """
 from __future__ import annotations
 
@@ -55,13 +57,23 @@ def parallelize(
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     # Units must be modules whose forward is what runs (FSDP2 gathers in forward hooks): the
     # ViT and the Whisper encoder as single units, the speech generator's layers one by one.
-    units = [model.visual, model.audio_encoder.whisper, *model.speech_generator.layers]
+    # An encoder runs only for batches with its modality, and ranks' batches differ: a sharded
+    # encoder would all-gather on some ranks and not others. Frozen encoders are therefore
+    # replicated (left out of FSDP2: no gradients, so nothing to reduce; stored in the compute
+    # dtype). A trainable encoder is sharded and every rank's batches must then use it.
+    encoders = [model.visual, model.audio_encoder.whisper]
+    frozen = [e for e in encoders if not any(p.requires_grad for p in e.parameters())]
+    units = [e for e in encoders if e not in frozen] + list(model.speech_generator.layers)
     for unit in units:
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
+    ignored = {p for e in frozen for p in e.parameters()}
+    if param_dtype is not None:
+        for e in frozen:
+            e.to(param_dtype)
     # The root holds the embeddings, lm_head (one unit, so tied weights stay tied), the
     # projectors and the generator's input/output layers. Training calls the root's forward;
-    # ``generate`` does not, so generation needs an unsharded model.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    # ``generate`` does not: see :func:`unsharded_root`.
+    fully_shard(model, reshard_after_forward=False, ignored_params=ignored or None, **kwargs)
     return model
 
 
@@ -80,14 +92,18 @@ def unsharded_root(model: nn.Module):
         model.reshard()
 
 
-def parameter_share(model: nn.Module) -> tuple[int, int]:
-    """(parameter values this rank holds, parameter values of the whole model): equal when
-    unsharded, about total / ranks under FSDP2."""
-    held = total = 0
+def parameter_share(model: nn.Module) -> tuple[int, int, int]:
+    """(values of the sharded parameters this rank holds, values of the sharded parameters in
+    all, values of the unsharded parameters, which every rank holds whole): under FSDP2 the
+    first is about the second / ranks, the third is the replicated frozen encoders."""
+    held = sharded = whole = 0
     for p in model.parameters():
-        total += p.numel()
-        held += p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-    return held, total
+        if hasattr(p, "to_local"):
+            held += p.to_local().numel()
+            sharded += p.numel()
+        else:
+            whole += p.numel()
+    return held, sharded, whole
 
 
 def data_parallel_mesh(device_mesh, num_nodes: int = 1, hybrid: bool = False):

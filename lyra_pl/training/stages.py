@@ -253,7 +253,9 @@ class LyraStage(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, batch: LyraInputs | dict) -> LyraOutput:
         inputs, units, unit_lengths = split_batch(batch)
-        return self._require_model()(inputs, units=units, unit_lengths=unit_lengths)
+        # Sharded: every rank must reduce the same gradients whatever its batch holds.
+        return self._require_model()(inputs, units=units, unit_lengths=unit_lengths,
+                                     uniform_graph=self.device_mesh is not None)
 
     def compute_loss(self, out: LyraOutput) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The loss to optimize and the metrics to log with it (names without prefix)."""
@@ -354,10 +356,11 @@ class LyraStage(L.LightningModule):
         model = self._require_model()
         rank_zero_info(parameter_table(model, f"{type(self).__name__}: trainable vs frozen "
                                               "parameters"))
-        held, total = parameter_share(model)
-        if held != total:  # sharded: every rank says what it holds
-            print(f"[rank {self.global_rank}] holds {held:,} of {total:,} parameter values "
-                  f"({held / total:.1%}) under FSDP2", flush=True)
+        held, sharded, whole = parameter_share(model)
+        if sharded:  # every rank says what it holds
+            print(f"[rank {self.global_rank}] holds {held:,} of {sharded:,} sharded parameter "
+                  f"values ({held / sharded:.1%}) under FSDP2, plus {whole:,} replicated "
+                  "(frozen encoders)", flush=True)
 
 
 def token_metrics(out: LyraOutput) -> dict[str, Tensor]:
