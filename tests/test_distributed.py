@@ -1,5 +1,5 @@
-"""Stage 2 under FSDP2 on two CPU processes (gloo) against one process: parameters sharded
-(each rank holds about half), the same losses and weights as a single process over the same
+"""Stage 2 under FSDP2 on two CPU processes (gloo) against one process: the model built on
+the meta device, sharded, then loaded slice by slice (each rank holds about half), the same losses and weights as a single process over the same
 samples, a distributed checkpoint that resumes on two ranks and on one, and the stage
 hand-off export gathered from the shards.
 
@@ -27,6 +27,28 @@ STAGE = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2, warmup_ratio=0.0
              param_dtype=None, reduce_dtype=None)
 PLACEHOLDERS = {"image": 500, "video": 501, "speech": 502, "sound": 503}
 PAD = 506
+
+
+def make_weights(root: Path) -> dict[str, str]:
+    """A base model and a stage-1-style export (parts + a trained ``speech`` adapter) that both
+    the sharded and the single-process runs load: the sharded run builds on the meta device
+    and loads slice by slice, so shared weights (not a shared seed) make the runs comparable."""
+    from lyra_pl.model import LyraConfig, LyraModel, lora
+    from lyra_pl.model.loading import save_parts, save_qwen2vl, save_whisper
+
+    torch.manual_seed(0)
+    model = LyraModel(LyraConfig.from_preset("tiny"))
+    lora.add_adapter(model.llm, "speech", lora.LoraSpec(4, 8, 0.0))
+    with torch.no_grad():
+        for n, p in model.llm.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.02)
+    save_qwen2vl(model, root / "qwen2vl")
+    save_whisper(model, root / "whisper")
+    save_parts(model, root / "export")
+    lora.save_adapter(model.llm, "speech", root / "export" / "adapter_speech")
+    return {"qwen2vl": str(root / "qwen2vl"), "whisper": str(root / "whisper"),
+            "init_from": str(root / "export")}
 
 
 def samples() -> list[Sample]:
@@ -68,12 +90,13 @@ _SCRIPT = textwrap.dedent("""
     from lyra_pl.training.parallelize import FSDP2Strategy
     from lyra_pl.training.stages import JointSFTStage
     devices, epochs, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    WEIGHTS = json.loads(sys.argv[4])
 
     class StopAfter(L.Callback):  # an interrupted run: the schedule still spans 4 epochs
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = trainer.current_epoch + 1 >= epochs
     L.seed_everything(0)
-    stage = JointSFTStage(**STAGE)
+    stage = JointSFTStage(**STAGE, **WEIGHTS)
     if devices == 2:  # the distributed sampler gives each rank one of the two samples
         data = torch.utils.data.DataLoader(samples(), batch_size=1, collate_fn=batch_of)
     else:  # one rank: both samples in its batch
@@ -100,20 +123,23 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-def launch(tmp_path: Path, devices: int, epochs: int, ckpt: str = "none") -> list[dict]:
+def launch(tmp_path: Path, devices: int, epochs: int, weights: dict[str, str],
+           ckpt: str = "none") -> list[dict]:
     script = tmp_path / "fsdp2_run.py"  # Lightning relaunches sys.argv: a file, not -c
     tests = Path(__file__).resolve().parent
     script.write_text(f"TESTS = {str(tests)!r}\n" + _SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(devices), str(epochs), ckpt],
+    proc = subprocess.run([sys.executable, str(script), str(devices), str(epochs), ckpt,
+                           json.dumps(weights)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return [json.loads((tmp_path / f"rank{r}_{devices}_{epochs}.json").read_text())
             for r in range(devices)]
 
 
-def single_process(epochs: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def single_process(epochs: int, weights: dict[str, str]
+                   ) -> tuple[list[float], dict[str, torch.Tensor]]:
     L.seed_everything(0)
-    stage = JointSFTStage(**STAGE)
+    stage = JointSFTStage(**STAGE, **weights)
     both = torch.utils.data.DataLoader([samples()], batch_size=1, collate_fn=lambda x: batch_of(x[0]))
     losses = Losses()
     L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False,
@@ -124,9 +150,10 @@ def single_process(epochs: int) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
-    ref_losses, ref_state = single_process(4)
+    weights = make_weights(tmp_path / "weights")
+    ref_losses, ref_state = single_process(4, weights)
 
-    ranks = launch(tmp_path, devices=2, epochs=2)
+    ranks = launch(tmp_path, devices=2, epochs=2, weights=weights)
     for r in ranks:  # each rank holds about half of every sharded parameter; only the
         assert r["type"] == "DTensor"  # frozen encoders (replicated) are held whole
         assert 0.45 < r["held"] / r["sharded"] < 0.55, r
@@ -148,7 +175,7 @@ def test_fsdp2_two_processes_match_one_and_resume(tmp_path):
     assert (tmp_path / "export_2_2" / "adapter_speech" / "adapter_model.safetensors").is_file()
 
     for devices in (2, 1):  # resume on the same and on a different number of ranks
-        resumed = launch(tmp_path, devices=devices, epochs=4, ckpt=str(ckpt))
+        resumed = launch(tmp_path, devices=devices, epochs=4, weights=weights, ckpt=str(ckpt))
         mean = [sum(v) / devices for v in zip(*(r["losses"] for r in resumed))]
         torch.testing.assert_close(torch.tensor(mean), torch.tensor(ref_losses[2:]),
                                    rtol=1e-4, atol=1e-5)

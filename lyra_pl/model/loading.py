@@ -6,8 +6,9 @@
 - a Whisper checkpoint, of which only the encoder is read;
 - our projectors and speech generator as safetensors files (LoRA adapters: :mod:`lora`).
 
-Tensors are read shard by shard with ``safetensors`` and copied into the model's parameters
-(``assign=True`` for a model built on the meta device), so no second full model is built.
+Tensors are read checkpoint file by file with ``safetensors`` and copied into the model's
+parameters (``assign=True`` for a model built on the meta device; only each rank's slice for a
+model already sharded by FSDP2), so no second full model is built.
 """
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ def _load_mapped(
                 name = rename(key)
                 if name is None:
                     continue
+                if name not in own:  # the layer already holds LoRA adapters (peft wraps it)
+                    wrapped = ".base_layer.".join(name.rsplit(".", 1))
+                    name = wrapped if wrapped in own else name
                 if name not in own:
                     raise ValueError(f"{what}: {shard.name} has {key!r}, which maps to "
                                      f"{name!r}, not a parameter of the model")
@@ -77,10 +81,9 @@ def _load_mapped(
                     raise ValueError(f"{what}: {key!r} has shape {tuple(t.shape)}, the model's "
                                      f"{name!r} has {tuple(own[name].shape)}")
                 tensors[name] = t.to(own[name].dtype)
-        assign = any(p.is_meta for p in module.parameters())
-        module.load_state_dict(tensors, strict=False, assign=assign)
+        _load_state(module, tensors)
         loaded |= set(tensors)
-    missing = [k for k in own if k not in loaded and not allow_missing(k)]
+    missing = [k for k in own if k not in loaded and not allow_missing(k) and ".lora_" not in k]
     if missing:
         raise ValueError(f"{what}: {len(missing)} tensor(s) missing from {str(directory)!r}, "
                          f"e.g. {missing[:3]}")
@@ -182,6 +185,52 @@ def load_whisper(model: nn.Module, directory: str | Path) -> None:
     _init_buffers(model)
 
 
+def _local_index(t: Tensor) -> tuple[slice, ...]:
+    """Which slice of the full tensor a sharded (DTensor) ``t`` holds on this rank: each mesh
+    dimension that shards a tensor dimension (FSDP2: dim 0) splits it as ``torch.chunk`` does.
+    Duck-typed (placements with a ``dim`` are shards), so the model imports nothing
+    distributed."""
+    index = [slice(None)] * t.dim()
+    coord = t.device_mesh.get_coordinate()
+    for i, placement in enumerate(t.placements):
+        d = getattr(placement, "dim", None)
+        if d is None:
+            continue  # replicated along this mesh dimension
+        n, parts = t.shape[d], t.device_mesh.size(i)
+        chunk = -(-n // parts)
+        start = min(coord[i] * chunk, n)
+        index[d] = slice(start, min(start + chunk, n))
+    return tuple(index)
+
+
+def copy_into(target: Tensor, full: Tensor) -> None:
+    """Copies the full tensor ``full`` into ``target``: whole into a plain tensor, only this
+    rank's slice into a sharded one, so loading a sharded model never needs more than one
+    checkpoint tensor at a time."""
+    with torch.no_grad():
+        if hasattr(target, "to_local"):
+            local = target.to_local()
+            piece = full[_local_index(target)]
+            if tuple(piece.shape) != tuple(local.shape):
+                raise RuntimeError(f"shard of shape {tuple(local.shape)} does not match its slice "
+                                   f"{tuple(piece.shape)} of the full tensor")
+            local.copy_(piece)
+        else:
+            target.copy_(full)
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor]) -> None:
+    """Loads ``state`` (a subset of ``module``'s keys, full tensors): assigned into a model
+    on the meta device, sliced into a sharded one, copied otherwise."""
+    own = module.state_dict()
+    if any(hasattr(p, "to_local") for p in module.parameters()):
+        for name, value in state.items():
+            copy_into(own[name], value)
+    else:
+        module.load_state_dict(state, strict=False,
+                               assign=any(p.is_meta for p in module.parameters()))
+
+
 def full_tensor(t: Tensor) -> Tensor:
     """A plain tensor of ``t``; a sharded (DTensor) one is gathered, which every rank must do
     together (duck-typed, so the model needs no distributed import)."""
@@ -225,8 +274,7 @@ def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] |
         if bad or missing:
             raise ValueError(f"{path.name} does not fit the model's {part}: unexpected or "
                              f"mis-shaped {bad[:3]}, missing {missing[:3]}")
-        module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()},
-                               assign=any(p.is_meta for p in module.parameters()))
+        _load_state(module, {k: v.to(own[k].dtype) for k, v in state.items()})
     _init_buffers(model)
     return list(names)
 

@@ -377,9 +377,35 @@ def load_adapter(
             _unload(module, merge=[], remove=[name])
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match adapter {name!r}: "
                          + "; ".join(problems))
+    params = dict(module.named_parameters())
+    if any(hasattr(p, "to_local") for p in params.values()):
+        # Sharded by FSDP2: each rank copies its slice of every tensor into its shard.
+        from lyra_pl.model.loading import copy_into
+
+        for key, value in state.items():
+            path = key.removeprefix(PEFT_KEY_PREFIX)
+            for part in (".lora_A.", ".lora_B."):
+                path = path.replace(part, f"{part}{name}.")
+            copy_into(params[path], value.to(params[path].dtype))
+        return name
     result = set_peft_model_state_dict(module, state, adapter_name=name)
     if result.unexpected_keys:  # guarded above; a change in peft's key mapping would land here
         raise ValueError(f"peft did not load {result.unexpected_keys} into adapter {name!r}")
+    return name
+
+
+def inject_saved_adapter(module: nn.Module, directory: str | os.PathLike,
+                         name: str | None = None) -> str:
+    """Adds the adapter a :func:`save_adapter` directory describes, without its weights (for
+    a model on the meta device that is sharded before anything is loaded; call
+    :func:`load_adapter` afterwards). Returns its name."""
+    directory = Path(directory)
+    config, _, saved_name = _read_saved(directory)
+    name = name or saved_name or directory.resolve().name
+    if name not in adapter_names(module):
+        _check_new_name(module, name)
+        config.inference_mode = False
+        _inject(module, name, config, False)
     return name
 
 

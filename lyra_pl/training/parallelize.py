@@ -77,6 +77,26 @@ def parallelize(
     return model
 
 
+def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """Allocates a model built on the meta device (and sharded: each rank allocates only its
+    shards) on ``device`` and initializes it: PyTorch's default init for every module that has
+    one, ones for RMS norms, peft's init for LoRA (B = 0: a new adapter starts as a no-op),
+    and the rotary tables. Checkpoints are loaded afterwards, shard by shard."""
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+            elif type(module).__name__.endswith("RMSNorm"):
+                module.weight.fill_(1.0)
+        for module in model.modules():
+            if callable(getattr(module, "reset_lora_parameters", None)):
+                for name in module.lora_A:
+                    module.reset_lora_parameters(name, True)
+    model.init_buffers(device)
+    return model
+
+
 @contextmanager
 def unsharded_root(model: nn.Module):
     """Gathers the FSDP2 root's own parameters (embeddings, lm_head, projectors) for code that

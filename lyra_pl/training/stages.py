@@ -51,8 +51,8 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
-from lyra_pl.training.parallelize import (data_parallel_mesh, parallelize, parameter_share,
-                                          unsharded_root)
+from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, parallelize,
+                                          parameter_share, unsharded_root)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -165,28 +165,49 @@ class LyraStage(L.LightningModule):
         return LyraConfig.from_preset(self.preset, **{**self.model_defaults, **self.model_overrides})
 
     def configure_model(self) -> None:
-        """Builds the model once (Lightning may call this hook more than once): weights, then
-        the trainable set (adapters exist before sharding), then AC / compile / FSDP2."""
+        """Builds the model once (Lightning may call this hook more than once). One process:
+        build, load the weights, choose what trains, AC / compile. Sharded (FSDP2): build on the
+        meta device, add adapters, choose what trains, AC / compile / FSDP2, allocate each
+        rank's shards (:func:`materialize`), then load the weights slice by slice."""
         if self.model is not None:
             return
-        model = LyraModel(self.config)
+        if self.device_mesh is None:
+            model = LyraModel(self.config)
+            self._load_weights(model)
+            self._setup_trainable_checked(model)
+            parallelize(model, None, activation_checkpointing=self.activation_checkpointing,
+                        compile=self.compile_layers)
+        else:
+            # Sharded: build on the meta device, add the adapters (structure only), shard,
+            # then each rank allocates and loads only its shards: no rank ever holds the
+            # whole model (Pro is 74B parameters).
+            with torch.device("meta"):
+                model = LyraModel(self.config)
+            if self.init_from is not None:
+                for sub in sorted(Path(self.init_from).glob("adapter_*")):
+                    lora.inject_saved_adapter(model.llm, sub, sub.name.removeprefix("adapter_"))
+            self._setup_trainable_checked(model)
+            mesh = data_parallel_mesh(self.device_mesh, self.trainer.num_nodes,
+                                      hybrid=self.hybrid_shard)
+            parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
+                        compile=self.compile_layers, param_dtype=self.param_dtype,
+                        reduce_dtype=self.reduce_dtype)
+            materialize(model, self.device)
+            self._load_weights(model)
+        self.model = model
+
+    def _load_weights(self, model: LyraModel) -> None:
         if self.qwen2vl is not None:
             loading.load_qwen2vl(model, self.qwen2vl)
         if self.whisper is not None:
             loading.load_whisper(model, self.whisper)
         if self.init_from is not None:
             self.load_model(model, self.init_from)
+
+    def _setup_trainable_checked(self, model: LyraModel) -> None:
         self.setup_trainable(model)
         if not any(p.requires_grad for p in model.parameters()):
             raise RuntimeError(f"{type(self).__name__}: setup_trainable left nothing to train")
-        mesh = None
-        if self.device_mesh is not None:
-            mesh = data_parallel_mesh(self.device_mesh, self.trainer.num_nodes,
-                                      hybrid=self.hybrid_shard)
-        parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
-                    compile=self.compile_layers, param_dtype=self.param_dtype,
-                    reduce_dtype=self.reduce_dtype)
-        self.model = model
 
     def setup_trainable(self, model: LyraModel) -> None:
         """Freezes everything, then unfreezes :attr:`trainable_parts`."""
