@@ -33,7 +33,7 @@ def _batch() -> LyraInputs:
     )
 
 
-def _worker(rank: int, port: int, checkpointing: bool) -> None:
+def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -52,11 +52,19 @@ def _worker(rank: int, port: int, checkpointing: bool) -> None:
 
         from torch.distributed.device_mesh import init_device_mesh
 
-        mesh = init_device_mesh("cpu", (2,))
+        if hybrid:  # HSDP as on 2 nodes of 1 GPU: replicate across "nodes", shard within
+            mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
+        else:
+            mesh = init_device_mesh("cpu", (2,))
         parallelize(model, mesh, activation_checkpointing=checkpointing, param_dtype=None,
                     reduce_dtype=None)
         held, sharded, whole = parameter_share(model)
-        assert 0.45 * sharded <= held <= 0.55 * sharded, (held, sharded)
+        if hybrid:
+            placements = next(model.llm.layers[0].parameters()).placements
+            assert [type(p).__name__ for p in placements] == ["Replicate", "Shard"], placements
+            assert held == sharded  # one rank per shard group: each holds every value
+        else:
+            assert 0.45 * sharded <= held <= 0.55 * sharded, (held, sharded)
         # only the frozen Whisper encoder is replicated (the ViT trains here, so it is sharded)
         assert whole == sum(p.numel() for p in model.audio_encoder.whisper.parameters())
         assert sharded + whole == total
@@ -103,3 +111,9 @@ def test_no_mesh_is_single_process_and_checkpointing_saves_memory():
     assert parallelize(plain, None, activation_checkpointing=True) is plain
     after = _saved_bytes(plain)
     assert after < 0.7 * before, (after, before)
+
+
+def test_hybrid_sharding_two_processes_match_one():
+    """The 2-D ("replicate", "shard") mesh of hybrid sharding gives the same loss and gradients
+    (replicas average their gradients)."""
+    mp.spawn(_worker, args=(_free_port(), False, True), nprocs=2, join=True)
