@@ -33,15 +33,15 @@ def test_parameter_part_by_hand(base, counts):
     layer = P.decoder_layer_params(base)
     h, gh = base.generator_hidden, base.generator_heads
     gen_layer = P._qwen2_layer_params(h, gh, base.generator_kv_heads, base.generator_intermediate)
-    # base: the ViT (676M) is the largest unit, larger than a decoder layer (233M)
-    largest = max(layer, counts["vision"], counts["audio_encoder"], gen_layer)
-    assert largest == counts["vision"]
-    root = (total - base.num_layers * layer - counts["vision"] - counts["audio_encoder"]
-            - base.generator_layers * gen_layer)
+    # the frozen encoders are replicated, not units: the largest unit is a decoder layer
+    largest = max(layer, gen_layer)
+    encoders = counts["vision"] + counts["audio_encoder"]
+    root = (total - base.num_layers * layer - encoders - base.generator_layers * gen_layer)
     assert p.shard_size == 8
-    assert p.params_sharded == math.ceil(4 * total / 8)
+    assert p.params_sharded == math.ceil(4 * (total - encoders) / 8)
     assert p.params_gathered == 2 * root + 2 * 2 * largest
-    assert p.params == p.params_sharded + p.params_gathered
+    assert p.params_replicated == 2 * encoders
+    assert p.params == p.params_sharded + p.params_gathered + p.params_replicated
     assert p.trainable_params == counts["speech_projector"] and p.lora == 0
     assert p.grads == math.ceil(4 * counts["speech_projector"] / 8)
     assert p.optimizer == math.ceil(8 * counts["speech_projector"] / 8)

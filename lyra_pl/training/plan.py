@@ -3,8 +3,8 @@
 ``lyra-pl plan --preset pro --nodes 4 --gpus-per-node 8 --seq-len 8192 [--stage 2] [--json]``
 
 Arithmetic only: nothing is allocated or measured. The model it assumes is the one
-:mod:`lyra_pl.training.parallelize` builds (FSDP2 ``fully_shard`` per decoder layer, the ViT
-and the Whisper encoder as single units, each speech-generator layer as a unit, and the root
+:mod:`lyra_pl.training.parallelize` builds (FSDP2 ``fully_shard`` per decoder layer, each
+speech-generator layer as a unit, the frozen ViT and Whisper encoder replicated, and the root
 -- embeddings, lm_head, final norm, projectors, generator input/output layers -- kept unsharded
 after forward), with bf16 compute and AdamW. Every assumption is listed in
 :attr:`MemoryPlan.assumptions` and printed under the table.
@@ -68,9 +68,10 @@ class MemoryPlan:
     trainable_params: int  # including LoRA
     lora_params: int
     # bytes per GPU
-    params_sharded: int  # fp32 master copy of every parameter, sharded
+    params_sharded: int  # fp32 master copy of every parameter but the frozen encoders, sharded
     params_gathered: int  # transient bf16 unsharded units (root + 2 x largest unit)
-    params: int  # params_sharded + params_gathered
+    params_replicated: int  # the frozen ViT and Whisper encoder, bf16, whole on every GPU
+    params: int  # params_sharded + params_gathered + params_replicated
     lora: int  # fp32 LoRA weights, sharded
     grads: int  # fp32, trainable only, sharded
     optimizer: int  # AdamW exp_avg + exp_avg_sq, fp32, trainable only, sharded
@@ -218,22 +219,21 @@ def estimate(
                                       config.generator_kv_heads, config.generator_intermediate)
     root_n = (total - L * layer_n - counts["vision"] - counts["audio_encoder"]
               - config.generator_layers * gen_layer_n)
-    units = {
-        "decoder layer": layer_n + lora_layer,
-        "ViT": counts["vision"],
-        "Whisper encoder": counts["audio_encoder"],
-        "generator layer": gen_layer_n,
-    }
+    units = {"decoder layer": layer_n + lora_layer, "generator layer": gen_layer_n}
     largest = max(units, key=units.get)
-    params_sharded = _ceil_div(4 * total, shard)
+    encoders_n = counts["vision"] + counts["audio_encoder"]
+    params_sharded = _ceil_div(4 * (total - encoders_n), shard)
     params_gathered = 2 * root_n + 2 * 2 * units[largest]
+    params_replicated = 2 * encoders_n
     lora_bytes = _ceil_div(4 * lora_n, shard)
     notes.append(
-        f"params: fp32 master copy of all {total:,} parameters (frozen ones included) sharded "
-        f"over {shard} GPUs ({sharding} sharding), plus bf16 all-gathered copies of the root "
-        f"unit ({root_n:,}: embeddings, lm_head, norm, projectors, generator in/out; kept "
-        f"unsharded after forward) and 2 x the largest other unit ({largest}, "
-        f"{units[largest]:,}; current + prefetched)."
+        f"params: fp32 master copy of the {total - encoders_n:,} parameters outside the "
+        f"encoders (frozen ones included) sharded over {shard} GPUs ({sharding} sharding), "
+        f"plus bf16 all-gathered copies of the root unit ({root_n:,}: embeddings, lm_head, "
+        f"norm, projectors, generator in/out; kept unsharded after forward) and 2 x the "
+        f"largest other unit ({largest}, {units[largest]:,}; current + prefetched), plus the "
+        f"frozen ViT and Whisper encoder ({encoders_n:,}) replicated in bf16 on every GPU "
+        f"(an encoder runs only for batches with its modality, so it is not sharded)."
     )
 
     # --- trainable: grads and optimizer
@@ -310,13 +310,14 @@ def estimate(
         notes.append(f"seq_len {seq_len:,} exceeds the preset's max_position_embeddings "
                      f"{config.max_position_embeddings:,}.")
 
-    fixed = params_sharded + params_gathered + lora_bytes + grads + optimizer + logits
+    fixed = params_sharded + params_gathered + params_replicated + lora_bytes + grads + optimizer + logits
     return MemoryPlan(
         preset=config.preset, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node,
         seq_len=seq_len, micro_batch=micro_batch, sharding=sharding, lmme=lmme,
         shard_size=shard, total_params=total, trainable_params=trainable, lora_params=lora_n,
         params_sharded=params_sharded, params_gathered=params_gathered,
-        params=params_sharded + params_gathered, lora=lora_bytes, grads=grads,
+        params_replicated=params_replicated,
+        params=params_sharded + params_gathered + params_replicated, lora=lora_bytes, grads=grads,
         optimizer=optimizer, activations=activations,
         activations_checkpointed=activations_ckpt, logits=logits,
         total=fixed + activations, total_checkpointed=fixed + activations_ckpt,
@@ -336,9 +337,10 @@ def format_plan(plan: MemoryPlan) -> str:
             f"sharding (params sharded over {plan.shard_size} GPUs), seq_len {plan.seq_len:,}, "
             f"micro_batch {plan.micro_batch}, {lm}")
     rows = [
-        ("params (fp32 shard + bf16 gathered)", plan.params, plan.params),
+        ("params (all three below)", plan.params, plan.params),
         ("  of which fp32 shard", plan.params_sharded, plan.params_sharded),
         ("  of which bf16 gathered units", plan.params_gathered, plan.params_gathered),
+        ("  of which bf16 frozen encoders", plan.params_replicated, plan.params_replicated),
         ("lora (fp32, sharded)", plan.lora, plan.lora),
         ("grads (fp32, trainable, sharded)", plan.grads, plan.grads),
         ("optimizer (AdamW 2 x fp32, sharded)", plan.optimizer, plan.optimizer),
