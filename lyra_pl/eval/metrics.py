@@ -1,0 +1,84 @@
+"""Metrics of the speech-centric evaluation, each on plain strings.
+
+- :func:`wer`: word error rate after Whisper's English text normalization (transformers'
+  ``EnglishTextNormalizer``, which is what Whisper-style WER numbers use), computed by
+  torchmetrics.
+- :func:`vqa_accuracy`: the VQA / TextVQA soft accuracy: an answer scores
+  ``min(1, matches / 3)`` against each set of 9 of the 10 human answers, averaged over the 10
+  sets, after the official answer normalization (punctuation, number words, articles,
+  common contractions).
+- :func:`exact_match`: DocVQA/ChartQA-style exact match after the same normalization.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+            "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_ARTICLES = {"a", "an", "the"}
+_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
+                 "cant": "can't", "wont": "won't", "didnt": "didn't", "im": "i'm",
+                 "ive": "i've", "youre": "you're", "thats": "that's", "whats": "what's"}
+_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period not inside a number
+_COMMA_NUMBER = re.compile(r"(\d),(\d)")
+
+
+def normalize_answer(text: str) -> str:
+    """The official VQA answer normalization, compactly: lower case; commas inside numbers
+    dropped ("1,000" -> "1000"); other punctuation, and periods outside numbers, removed;
+    number words to digits; articles dropped; common apostrophe-less contractions restored."""
+    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+    text = _COMMA_NUMBER.sub(r"\1\2", text)
+    text = _PERIOD.sub("", _PUNCT.sub("", text))
+    words = [_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in text.split()]
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Soft accuracy of one prediction against the human answers (10 in VQA/TextVQA; any
+    number >= 1 works: with n answers, the average over the n leave-one-out subsets)."""
+    if not answers:
+        raise ValueError("vqa_accuracy needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    gold = [normalize_answer(a) for a in answers]
+    if len(gold) == 1:
+        return float(pred == gold[0])
+    scores = []
+    for i in range(len(gold)):
+        others = gold[:i] + gold[i + 1:]
+        scores.append(min(1.0, sum(a == pred for a in others) / 3.0))
+    return sum(scores) / len(scores)
+
+
+def exact_match(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 when the normalized prediction equals one of the normalized answers."""
+    if not answers:
+        raise ValueError("exact_match needs at least one reference answer")
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(a) for a in answers))
+
+
+def whisper_normalize(text: str) -> str:
+    """Whisper's English text normalization (numbers, spellings, punctuation, fillers)."""
+    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+    return EnglishTextNormalizer({})(text)
+
+
+def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate (errors summed over all utterances / reference words) after
+    :func:`whisper_normalize`. A reference that normalizes to nothing raises, since it has no
+    words to count errors against."""
+    from torchmetrics.functional.text import word_error_rate
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    preds = [whisper_normalize(p) for p in predictions]
+    refs = [whisper_normalize(r) for r in references]
+    empty = [i for i, r in enumerate(refs) if not r.split()]
+    if empty:
+        raise ValueError(f"reference {empty[0]} ({references[empty[0]]!r}) is empty after "
+                         "normalization")
+    return float(word_error_rate(preds, refs))

@@ -1,0 +1,47 @@
+"""Evaluation metrics against hand-computed cases."""
+from __future__ import annotations
+
+import pytest
+
+from lyra_pl.eval.metrics import exact_match, normalize_answer, vqa_accuracy, wer
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The Red Car. ") == "red car"
+    assert normalize_answer("Two") == "2"
+    assert normalize_answer("1,000") == "1000"
+    assert normalize_answer("3.5") == "3.5"
+    assert normalize_answer("yes!") == "yes"
+    assert normalize_answer("dont know") == "don't know"
+
+
+def test_vqa_soft_accuracy_by_hand():
+    # 10 answers, "red" given by 2: each leave-one-out set has 2 (8 sets) or 1 (2 sets) matches
+    answers = ["red"] * 2 + ["blue"] * 8
+    assert vqa_accuracy("Red", answers) == pytest.approx((8 * 2 / 3 + 2 * 1 / 3) / 10)
+    # 3 or more matches in every subset: full credit
+    assert vqa_accuracy("blue", answers) == 1.0
+    assert vqa_accuracy("green", answers) == 0.0
+    # exactly 3 of 10: the 3 sets leaving one of them out see 2 matches
+    three = ["cat"] * 3 + ["dog"] * 7
+    assert vqa_accuracy("a cat", three) == pytest.approx((7 * 1.0 + 3 * 2 / 3) / 10)
+    assert vqa_accuracy("x", ["x"]) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        vqa_accuracy("x", [])
+
+
+def test_exact_match():
+    assert exact_match("The answer is 5", ["the answer is five"]) == 1.0
+    assert exact_match("5", ["6", "five"]) == 1.0
+    assert exact_match("5", ["6"]) == 0.0
+
+
+def test_wer_by_hand():
+    # "the cat sat" vs "the cat sat down": 1 deletion / 4 words; "a b" vs "a c": 1 sub / 2
+    assert wer(["the cat sat", "a b"], ["the cat sat down", "a c"]) == pytest.approx(2 / 6)
+    # Whisper normalization: case, punctuation and number words do not count as errors
+    assert wer(["Twenty-one cats!"], ["21 cats"]) == 0.0
+    with pytest.raises(ValueError, match="empty after normalization"):
+        wer(["x"], ["uh, um!"])  # fillers only
+    with pytest.raises(ValueError, match="1 predictions for 2"):
+        wer(["x"], ["a", "b"])
