@@ -18,6 +18,13 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     kernels.add_arguments(p)
     p.set_defaults(run=kernels.main)
+    from lyra_pl.bench import prefill
+
+    p = sub.add_parser("prefill", help="prefill / decode / memory with and without LMME "
+                                       "(the paper's Table 4a)", description=prefill.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    prefill.add_arguments(p)
+    p.set_defaults(run=prefill.main)
     args = parser.parse_args(argv)
     return args.run(args)
 
