@@ -106,23 +106,32 @@ class SampleDecoder:
         self.units = units
         self.transcripts = transcripts
         self.expected_ids = expected_ids
+        # Loaded or derived lazily, once per DataLoader worker (not pickled): the tokenizer,
+        # its placeholder strings (a scan of the vocabulary) and their checked ids.
         self._tok: PreTrainedTokenizerFast | None = None
+        self._placeholders: dict[str, str] | None = None
+        self._ids: dict[str, int] | None = None
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerFast:
-        if self._tok is None:  # loaded lazily: once per DataLoader worker, not pickled
+        if self._tok is None:
             self._tok = load_tokenizer(self.tokenizer_path)
         return self._tok
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tok": None}
+        return {**self.__dict__, "_tok": None, "_placeholders": None, "_ids": None}
 
     @property
     def placeholders(self) -> dict[str, str]:
-        return placeholders_for(self.tokenizer)
+        if self._placeholders is None:
+            self._placeholders = placeholders_for(self.tokenizer)
+        return self._placeholders
 
     def placeholder_ids(self) -> dict[str, int]:
-        return conv.placeholder_token_ids(self.tokenizer, self.placeholders, self.expected_ids)
+        if self._ids is None:
+            self._ids = conv.placeholder_token_ids(self.tokenizer, self.placeholders,
+                                                   self.expected_ids)
+        return self._ids
 
     def __call__(self, raw: dict[str, Any]) -> Decoded:
         key = raw.get("__key__", "?")
@@ -159,10 +168,8 @@ class SampleDecoder:
             return t.input_ids, t.labels, None
         if not isinstance(turns, list) or len(turns) < 2 or turns[-1].get("from") != "gpt":
             raise ValueError("a prompt needs a conversation ending with an answer to hold out")
-        prompt_turns = [dict(t) for t in turns[:-1]]
-        for t in prompt_turns:
-            for modality, token in self.placeholders.items():
-                t["value"] = t["value"].replace(conv.DATA_PLACEHOLDERS[modality], token)
+        prompt_turns = [{**t, "value": conv.with_token_placeholders(t["value"], self.placeholders)}
+                        for t in turns[:-1]]
         text = conv.prompt(prompt_turns, self.system_prompt)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.max_length is not None and len(ids) > self.max_length:

@@ -61,18 +61,17 @@ def epoch_shards(shards: list[tuple[str, int]], epoch: int, seed: int,
     return order
 
 
-def round_robin_skips(counts: list[int], consumed: int) -> tuple[list[int], int]:
-    """DataLoader order over workers with ``counts`` batches each (round-robin, exhausted ones
-    skipped): how many batches each had delivered after ``consumed`` batches in all, and which
-    worker delivers the next one."""
-    done = [0] * len(counts)
+def round_robin(counts: list[int], total: int) -> list[list[int]]:
+    """The DataLoader's order over workers with ``counts`` batches each (round-robin,
+    exhausted ones skipped), for the first ``total`` batches: the indices each worker delivers."""
+    out: list[list[int]] = [[] for _ in counts]
     w = 0
-    for _ in range(consumed):
-        while done[w] >= counts[w]:
+    for i in range(total):
+        while len(out[w]) >= counts[w]:
             w = (w + 1) % len(counts)
-        done[w] += 1
+        out[w].append(i)
         w = (w + 1) % len(counts)
-    return done, w
+    return out
 
 
 class ShardStream(IterableDataset):
@@ -123,33 +122,23 @@ class ShardStream(IterableDataset):
         if info is not None and info.num_workers != self.workers:
             raise RuntimeError(f"ShardStream built for {self.workers} workers runs under "
                                f"{info.num_workers}")
-        counts = self.counts()
         total = len(self)
-        done, first = round_robin_skips(counts, min(self.start, total))
-        worker = (real + first) % self.workers  # rotation: DataLoader worker 0 goes next
-        # Global indices of this worker's batches continue the round-robin order.
-        indices = self._global_indices(counts, total)[worker]
+        start = min(self.start, total)
+        schedule = round_robin(self.counts(), total)
+        # Rotation: DataLoader worker 0 plays the worker that delivers batch ``start``.
+        first = next((w for w, idx in enumerate(schedule) if start in idx), 0)
+        worker = (real + first) % self.workers
+        indices = schedule[worker]
+        done = sum(i < start for i in indices)  # its batches consumed before the interruption
         mine = epoch_shards(self.shards, self.epoch, self.seed, self.shuffle)
         mine = mine[self.rank::self.world][worker::self.workers]
         rng = random.Random(hash((self.seed, self.epoch, self.rank, worker)) & 0xFFFFFFFF)
         for local, raw_batch in enumerate(self._raw_batches(mine, rng)):
             if local >= len(indices):
                 return  # past the common batch count: left for a later epoch
-            if local < done[worker]:
+            if local < done:
                 continue  # consumed before the interruption: skipped undecoded
             yield self._decode(raw_batch, Position(self.epoch, indices[local]))
-
-    def _global_indices(self, counts: list[int], total: int) -> list[list[int]]:
-        """The epoch's batch indices each worker delivers (round-robin order, capped)."""
-        out: list[list[int]] = [[] for _ in counts]
-        done, w = [0] * len(counts), 0
-        for i in range(total):
-            while done[w] >= counts[w]:
-                w = (w + 1) % len(counts)
-            out[w].append(i)
-            done[w] += 1
-            w = (w + 1) % len(counts)
-        return out
 
     def _raw_batches(self, shards: list[tuple[str, int]], rng: random.Random
                      ) -> Iterator[list[dict[str, Any]]]:
@@ -206,7 +195,10 @@ class ShardStream(IterableDataset):
 
 
 def _length(raw: dict[str, Any]) -> int:
+    """The sample's length estimate; the parsed ``json`` member replaces its bytes, so the
+    decoder does not parse it again."""
     try:
-        return int(sample_meta(raw).get("length", 0))
+        raw["json"] = sample_meta(raw)
+        return int(raw["json"].get("length", 0))
     except (SampleError, TypeError, ValueError):
         return 0  # a broken json member fails (and is reported) at decode time
