@@ -8,7 +8,7 @@ cannot be labelled exactly raises ValueError naming the turn; the caller skips a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerFast
@@ -107,6 +107,26 @@ def prompt(conversations: Sequence[Turn], system: str | None = SYSTEM_PROMPT) ->
     return text + _header("assistant")
 
 
+def with_token_placeholders(value: str, placeholders: Mapping[str, str]) -> str:
+    """``value`` with the data's placeholders (``<image>``, ...) rewritten to the tokenizer's
+    strings (``placeholders``: modality -> string, e.g. :data:`QWEN2VL_PLACEHOLDERS`)."""
+    for modality, token in placeholders.items():
+        value = value.replace(DATA_PLACEHOLDERS.get(modality, token), token)
+    return value
+
+
+def check_answers_text_only(conversations: Sequence[Turn],
+                            markers: Iterable[str] = DATA_PLACEHOLDERS.values()) -> None:
+    """Raises ValueError naming the first answer (gpt turn) that holds one of ``markers``."""
+    markers = set(markers)
+    for i, turn in enumerate(conversations):
+        if turn["from"] == "gpt":
+            found = sorted(m for m in markers if m in turn["value"])
+            if found:
+                raise ValueError(f"turn {i}: placeholder(s) {found} inside an answer; answers "
+                                 "are text only")
+
+
 def span_token_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]],
                     span_names: Sequence[str] | None = None) -> np.ndarray:
     """Which tokens lie inside one of the (sorted, disjoint) character ``spans``.
@@ -185,20 +205,10 @@ def tokenize(
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenize needs a fast tokenizer (offset mappings)")
     ids_of = placeholder_token_ids(tokenizer, placeholders, expected_ids)
-    markers = set(placeholders.values()) | {DATA_PLACEHOLDERS[m] for m in placeholders
-                                            if m in DATA_PLACEHOLDERS}
-    turns = []
-    for i, turn in enumerate(conversations):
-        value = turn["value"]
-        if turn["from"] == "gpt":
-            found = sorted(m for m in markers if m in value)
-            if found:
-                raise ValueError(f"turn {i}: placeholder(s) {found} inside an answer; answers "
-                                 "are text only")
-        else:
-            for modality, token in placeholders.items():
-                value = value.replace(DATA_PLACEHOLDERS.get(modality, token), token)
-        turns.append({"from": turn["from"], "value": value})
+    check_answers_text_only(conversations, set(placeholders.values()) | {
+        DATA_PLACEHOLDERS[m] for m in placeholders if m in DATA_PLACEHOLDERS})
+    turns = [{"from": t["from"], "value": t["value"] if t["from"] == "gpt"
+              else with_token_placeholders(t["value"], placeholders)} for t in conversations]
 
     text, spans = render(turns, system)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

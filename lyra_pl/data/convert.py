@@ -27,7 +27,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from lyra_pl.data import media, shards
-from lyra_pl.data.conversation import DATA_PLACEHOLDERS, _validate
+from lyra_pl.data.conversation import DATA_PLACEHOLDERS, _validate, check_answers_text_only
 
 REPORT = "report.json"
 # Fields of the official format; any other field goes to the json member's "extra".
@@ -99,14 +99,9 @@ def _check_conversations(conversations: Any) -> list[dict[str, Any]]:
         raise ValueError("conversations: missing or empty")
     try:
         _validate(conversations, last="gpt")
+        check_answers_text_only(conversations)
     except ValueError as e:
         raise ValueError(f"conversations: {e}") from None
-    for i, turn in enumerate(conversations):
-        if turn["from"] == "gpt":
-            found = sorted(p for p in DATA_PLACEHOLDERS.values() if p in turn["value"])
-            if found:
-                raise ValueError(f"conversations: turn {i}: placeholder(s) {found} inside an "
-                                 "answer; answers are text only")
     return list(conversations)
 
 

@@ -81,7 +81,7 @@ def _load_mapped(
                     raise ValueError(f"{what}: {key!r} has shape {tuple(t.shape)}, the model's "
                                      f"{name!r} has {tuple(own[name].shape)}")
                 tensors[name] = t.to(own[name].dtype)
-        _load_state(module, tensors)
+        _load_state(module, tensors, own)
         loaded |= set(tensors)
     missing = [k for k in own if k not in loaded and not allow_missing(k) and ".lora_" not in k]
     if missing:
@@ -219,10 +219,10 @@ def copy_into(target: Tensor, full: Tensor) -> None:
             target.copy_(full)
 
 
-def _load_state(module: nn.Module, state: dict[str, Tensor]) -> None:
-    """Loads ``state`` (a subset of ``module``'s keys, full tensors): assigned into a model
-    on the meta device, sliced into a sharded one, copied otherwise."""
-    own = module.state_dict()
+def _load_state(module: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
+    """Loads ``state`` (a subset of ``module``'s keys, full tensors; ``own`` is the module's
+    state dict): assigned into a model on the meta device, sliced into a sharded one, copied
+    otherwise."""
     if any(hasattr(p, "to_local") for p in module.parameters()):
         for name, value in state.items():
             copy_into(own[name], value)
@@ -274,7 +274,7 @@ def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] |
         if bad or missing:
             raise ValueError(f"{path.name} does not fit the model's {part}: unexpected or "
                              f"mis-shaped {bad[:3]}, missing {missing[:3]}")
-        _load_state(module, {k: v.to(own[k].dtype) for k, v in state.items()})
+        _load_state(module, {k: v.to(own[k].dtype) for k, v in state.items()}, own)
     _init_buffers(model)
     return list(names)
 

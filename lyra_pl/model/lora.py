@@ -50,6 +50,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from lyra_pl.model.loading import copy_into, full_tensor
+
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
@@ -285,15 +287,14 @@ def save_adapter(module: nn.Module, name: str, directory: str | os.PathLike,
     with ``write`` true on one.
     """
     _check_known(module, [name])
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {  # sharded (DTensor) weights are gathered: every rank calls, one writes
-        PEFT_KEY_PREFIX + key: (value.full_tensor() if hasattr(value, "full_tensor") else value)
-        .detach().contiguous().cpu()
+        PEFT_KEY_PREFIX + key: full_tensor(value.detach()).contiguous().cpu()
         for key, value in _adapter_state_dict(module, name).items()
     }
     if not write:
         return
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(state, directory / WEIGHTS_NAME, metadata={"format": "pt", _NAME_METADATA: name})
 
     config = copy.deepcopy(module.peft_config[name])
@@ -380,8 +381,6 @@ def load_adapter(
     params = dict(module.named_parameters())
     if any(hasattr(p, "to_local") for p in params.values()):
         # Sharded by FSDP2: each rank copies its slice of every tensor into its shard.
-        from lyra_pl.model.loading import copy_into
-
         for key, value in state.items():
             path = key.removeprefix(PEFT_KEY_PREFIX)
             for part in (".lora_A.", ".lora_B."):

@@ -235,7 +235,7 @@ class LyraStage(L.LightningModule):
         Under FSDP2 every rank must call it (sharded weights are gathered part by part; the
         encoders and the LLM, which no stage hands on, never are); global rank 0 writes."""
         model = self._require_model()
-        write = self._trainer is None or self.trainer.is_global_zero
+        write = self._writes_files
         d = Path(directory)
         loading.save_parts(model, d, write=write)
         for name in lora.adapter_names(model.llm):
@@ -243,6 +243,11 @@ class LyraStage(L.LightningModule):
         if write:
             (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
         return d
+
+    @property
+    def _writes_files(self) -> bool:
+        """Whether this process writes exported files (global rank 0, or no Trainer)."""
+        return self._trainer is None or self.trainer.is_global_zero
 
     @staticmethod
     def load_model(model: LyraModel, directory: str | Path) -> list[str]:
@@ -323,7 +328,7 @@ class LyraStage(L.LightningModule):
         """Greedy answers to prompt batches (``LyraDataModule`` prediction): the generated ids
         per sample, how its instruction came (``speech``, ``sound`` or ``text``), and the
         batch's keys / reference answers / choices passed through for
-        :class:`~lyra_pl.training.evaluation.AnswerAccuracy`."""
+        :class:`~lyra_pl.training.callbacks.AnswerAccuracy`."""
         inputs = split_batch(batch)[0]
         with unsharded_root(self._require_model()) as model:
             out = model.generate(inputs, max_new_tokens=self.max_new_tokens)
@@ -436,9 +441,8 @@ class BaseVLMStage(LyraStage):
 
     def save_model(self, directory: str | Path) -> Path:
         d = super().save_model(directory)
-        write = self._trainer is None or self.trainer.is_global_zero
-        loading.save_qwen2vl(self._require_model(), d / "qwen2vl", write=write)
-        loading.save_whisper(self._require_model(), d / "whisper", write=write)
+        loading.save_qwen2vl(self._require_model(), d / "qwen2vl", write=self._writes_files)
+        loading.save_whisper(self._require_model(), d / "whisper", write=self._writes_files)
         return d
 
 
