@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from lyra_pl.data.conversation import render
+from lyra_pl.data.corpus import evalsets
 from lyra_pl.data.corpus.images import png_bytes, render_image
 from lyra_pl.data.corpus.sounds import SOUND_EVENTS, sound_event
 from lyra_pl.data.corpus.speech import (ANSWER_VOICE, TRAIN_VOICES, VAL_VOICE, VOICE_NAMES,
@@ -338,8 +339,32 @@ def stage4_units(images: dict[str, list[dict[str, Any]]], sizes: CorpusSizes,
     return samples
 
 
+# ----------------------------------------------------------------------------- eval sets
+def eval_sets(out: Path, media: _Media, val_images: list[dict[str, Any]],
+              questions: dict[tuple[str, str, int], list[str]],
+              stages: dict[str, dict[str, list[Sample]]]) -> dict[str, int]:
+    """``eval/``: the evaluation sets of ``lyra-pl eval`` and ``lyra-pl needle``, from the
+    validation split (:mod:`lyra_pl.data.corpus.evalsets`). Their own random stream, drawn
+    after everything else: adding them changed no other file of the corpus."""
+    rng = random.Random("eval")
+    textvqa, docvqa = evalsets.vqa_sets(val_images, questions)
+    sets = {"textvqa": textvqa, "docvqa": docvqa,
+            "videomme": evalsets.videomme_set(out, val_images, rng, media._write),
+            "sound_caption": evalsets.sound_caption_set(stages["stage2_joint"]["val"])}
+    for name, samples in sets.items():
+        (out / "eval" / f"{name}.json").write_text(dump_samples(samples))
+    counts = {name: len(s) for name, s in sets.items()}
+    counts["librispeech"] = evalsets.librispeech_tree(
+        out, stages["stage1_asr"]["val"],
+        lambda src, dst: media._write(dst, (out / src).read_bytes()))
+    needles = evalsets.needle_set(RATE, media.wav)
+    (out / "eval" / "needles.json").write_text(dump_samples(needles))
+    counts["needles"] = len(needles)
+    return counts
+
+
 # ----------------------------------------------------------------------------- corpus
-MANAGED = ("media", "tokenizer", "build_info.json", "README.md",
+MANAGED = ("media", "eval", "tokenizer", "build_info.json", "README.md",
            *(f"{name}.{split}.json" for name in STAGE_FILES for split in SPLITS))
 
 
@@ -435,6 +460,7 @@ def _build(final: Path, seed: int, sizes: CorpusSizes, k: int, hubert: str | Pat
     stages["stage4_units"] = stage4_units(images, sizes, rngs["stage4_units"], extractor,
                                           progress)
 
+    eval_counts = eval_sets(out, media, images["val"], questions, stages)
     counts = {}
     for name, per_split in stages.items():
         for split in SPLITS:
@@ -450,6 +476,7 @@ def _build(final: Path, seed: int, sizes: CorpusSizes, k: int, hubert: str | Pat
         "espeak_ng": espeak_version(),
         "sample_rate": RATE,
         "samples": counts,
+        "eval": eval_counts,
         "media_files": dict(sorted(media_files.items())),
         "media_bytes": {d.name: _dir_bytes(d) for d in sorted((out / "media").iterdir())},
         "image_size": sizes.image_size,
@@ -480,7 +507,7 @@ def command(seed: int, sizes: CorpusSizes, k: int, hubert: str | Path | None) ->
 
 def readme(info: dict[str, Any]) -> str:
     """The corpus README: what is in it and how it was built, numbers from ``info``."""
-    s, v = info["samples"], info["voices"]
+    s, v, e = info["samples"], info["voices"], info["eval"]
     rows = "\n".join(f"| {name} | {s[f'{name}.train.json']} | {s[f'{name}.val.json']} |"
                      for name in STAGE_FILES)
     media = "\n".join(f"| media/{d}/ | {info['media_files'][d]} | {b / 1e6:.2f} MB |"
@@ -537,6 +564,21 @@ Media paths in the JSON files are relative to this directory.
   ({v['answers']}) as k-means units: k = {info['units']['k']} over {info['units']['features']}
   frames, fitted on the training answers, consecutive duplicates collapsed. The answer
   audio is not stored.
+
+## Evaluation sets (`eval/`, for `lyra-pl eval` and `lyra-pl needle`)
+Built from the validation split only (held-out voice, images not in training):
+- `eval/librispeech/`: the {e['librispeech']} stage-1 validation clips as a LibriSpeech-format
+  tree (`100/1/100-1-NNNN.wav`, `100-1.trans.txt`, upper-case transcripts): task `asr`.
+- `eval/textvqa.json` ({e['textvqa']}): every validation image asked its color, shape and word,
+  typed, with `speech_instruction` (the question spoken) and `answers`: task `textvqa`, T+I
+  and S+I. `eval/docvqa.json` ({e['docvqa']}): its reading questions: task `docvqa`.
+- `eval/videomme.json` ({e['videomme']}): {evalsets.VIDEO_FRAMES}-frame clips (`eval/videos/`) of a
+  validation image drifting sideways, asked its color as a 4-option multiple choice
+  answered by letter: task `videomme`.
+- `eval/sound_caption.json` ({e['sound_caption']}): the validation sound events with
+  `references` captions: task `sound_caption`.
+- `eval/needles.json` + `eval/needles/` ({e['needles']}): every stage-3 needle sentence spoken by
+  the held-out voice.
 
 ## Format notes
 - Audio: {info['sample_rate']} Hz mono PCM16 WAV, leading/trailing silence trimmed (the
