@@ -24,6 +24,7 @@ from lyra_pl.data import conversation as conv
 from lyra_pl.data.decode import SampleDecoder
 from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256, read_manifest
 from lyra_pl.data.stream import ShardStream
+from lyra_pl.data.video import VideoProcessor
 
 log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +69,8 @@ class LyraDataModule(L.LightningDataModule):
         max_length: samples with more text tokens are skipped and reported (None: no limit).
         units: batches carry stage 4's unit targets (``units`` / ``unit_lengths``).
         transcripts: tokenize ``speech_asr`` for LCMR.
-        min_pixels / max_pixels: the Qwen2-VL image processor's resize bounds.
+        min_pixels / max_pixels: the resize bounds of Qwen2-VL's image processor and of
+            :class:`~lyra_pl.data.video.VideoProcessor` (per frame).
         expected_ids: modality -> placeholder id the model uses (checked against the tokenizer;
             the stage fills it from its LyraConfig).
         samples_per_shard: for conversions done by ``prepare_data``.
@@ -177,7 +179,9 @@ class LyraDataModule(L.LightningDataModule):
         return ShardStream(self._shards(split), decoder, batch_size, rank=rank, world=world,
                            num_workers=self.num_workers, seed=self.seed, shuffle=shuffle,
                            group_batches=self.group_batches,
-                           collate_kwargs={"image_processor": self._image_processor()})
+                           collate_kwargs={"image_processor": self._image_processor(),
+                                           "video_processor": VideoProcessor(self.min_pixels,
+                                                                             self.max_pixels)})
 
     def _loader(self, stream: ShardStream) -> DataLoader:
         return _EpochLoader(stream, self, num_workers=self.num_workers,
