@@ -22,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.training.cli import main as cli_main
 
         return cli_main(argv)
+    if argv[:1] == ["eval"]:
+        from lyra_pl.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     if argv[:1] == ["pipeline"]:
         from lyra_pl.training.cli import pipeline
 
@@ -35,10 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return corpus_main(argv[1:])
     print(
-        "usage: lyra-pl {fit,validate,predict,pipeline,data,corpus,bench,info,plan} [options]\n\n"
+        "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,data,corpus,bench,info,plan} "
+        "[options]\n\n"
         "subcommands:\n"
         "  fit|validate|predict  a stage (`lyra-pl fit --config configs/tiny/stage2_joint_sft.yaml`)\n"
         "  pipeline the four stages in order (`lyra-pl pipeline --preset tiny`)\n"
+        "  eval     `lyra-pl eval --task all --ckpt runs/tiny/stage4_speech_gen/export`\n"
+        "  needle   long-speech needle in a haystack (`lyra-pl needle --ckpt ...`)\n"
         "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards\n"
         "  corpus   `lyra-pl corpus build --out data/tiny`: build the tiny corpus (espeak-ng)\n"
         "  bench    benchmarks (see `lyra-pl bench --help`)\n"

@@ -1,9 +1,12 @@
 """Evaluation metrics against hand-computed cases."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from lyra_pl.eval.metrics import exact_match, normalize_answer, vqa_accuracy, wer
+from lyra_pl.eval.metrics import (caption_scores, exact_match, extract_choice, normalize_answer,
+                                  vqa_accuracy, wer)
 
 
 def test_normalize_answer():
@@ -45,3 +48,32 @@ def test_wer_by_hand():
         wer(["x"], ["uh, um!"])  # fillers only
     with pytest.raises(ValueError, match="1 predictions for 2"):
         wer(["x"], ["a", "b"])
+
+
+def test_extract_choice():
+    opts = ["A. red", "B. blue", "C. green", "D. yellow"]
+    assert extract_choice("The best answer is C.", opts) == "C"
+    assert extract_choice("(B) blue", opts) == "B"
+    assert extract_choice("green", opts) == "C"  # the text of one option
+    assert extract_choice("Green.", opts) == "C"
+    assert extract_choice("i do not know", opts) == ""
+    assert extract_choice("", opts) == ""
+
+
+def test_caption_scores_by_hand():
+    s = caption_scores(["A rising chirp."], [["a rising chirp", "a chirp"]])
+    assert s == {"bleu1": pytest.approx(1.0), "bleu4": 0.0, "rougeL": pytest.approx(1.0)}
+    # "the cat sat on mat" vs "the cat sat on the mat": n-gram precisions 5/5, 3/4, 2/3, 1/2,
+    # brevity penalty exp(1 - 6/5)
+    s = caption_scores(["the cat sat on mat"], [["the cat sat on the mat"]])
+    bp = math.exp(1 - 6 / 5)
+    assert s["bleu1"] == pytest.approx(bp)
+    assert s["bleu4"] == pytest.approx(bp * (1 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25, rel=1e-5)
+    # ROUGE-L F: LCS 5, precision 5/5, recall 5/6
+    assert s["rougeL"] == pytest.approx(2 * 1 * 5 / 6 / (1 + 5 / 6), rel=1e-5)
+    # best reference per caption, averaged over captions: LCS("dog barks", "a dog barks
+    # loudly") = 2 -> P 1, R 1/2, F 2/3; the other caption matches exactly
+    s = caption_scores(["dog barks", "a hum"], [["a dog barks loudly", "cat"], ["a hum"]])
+    assert s["rougeL"] == pytest.approx((2 / 3 + 1) / 2, rel=1e-5)
+    with pytest.raises(ValueError, match="at least one reference"):
+        caption_scores(["x"], [[]])

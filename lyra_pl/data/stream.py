@@ -190,7 +190,8 @@ class ShardStream(IterableDataset):
                 units[i, : len(d.units)] = torch.tensor(d.units)
             batch.update(units=units, unit_lengths=lengths)
         if self.decoder.mode == "prompt":
-            batch.update(answers=[d.answer for d in decoded], choices=[d.choices for d in decoded])
+            batch.update(answers=[d.answer for d in decoded], choices=[d.choices for d in decoded],
+                         extras=[d.meta.get("extra") or {} for d in decoded])
         return batch
 
 

@@ -8,6 +8,9 @@
   sets, after the official answer normalization (punctuation, number words, articles,
   common contractions).
 - :func:`exact_match`: DocVQA/ChartQA-style exact match after the same normalization.
+- :func:`extract_choice`: the option letter a multiple-choice answer gives (VideoMME's rule).
+- :func:`caption_scores`: BLEU-1/4 and ROUGE-L (F) of captions against several references,
+  computed by torchmetrics after lower-casing and removing punctuation.
 """
 from __future__ import annotations
 
@@ -82,3 +85,51 @@ def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
         raise ValueError(f"reference {empty[0]} ({references[empty[0]]!r}) is empty after "
                          "normalization")
     return float(word_error_rate(preds, refs))
+
+
+_ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                    "The best option is", "The correct option is", "Best answer:", "Best option:")
+
+
+def extract_choice(prediction: str, options: Sequence[str] = (), letters: str = "ABCD") -> str:
+    """The option letter of a multiple-choice answer, or "" when it gives none.
+
+    An answer that is exactly one option's text (``options`` like ``"B. blue"``, compared
+    after :func:`normalize_answer`) gives that option's letter. Otherwise VideoMME's official
+    rule: drop the usual answer prefixes, then the first capital option letter in the text."""
+    pred = normalize_answer(prediction)
+    for option in options:
+        letter, _, text = option.partition(".")
+        if text and pred == normalize_answer(text):
+            return letter.strip()
+    s = prediction.strip()
+    for prefix in _ANSWER_PREFIXES:
+        s = s.replace(prefix, "")
+    found = re.search(f"[{letters}]", s)
+    return "" if found is None else found[0]
+
+
+_CAPTION_PUNCT = re.compile(r"[^\w\s']")
+
+
+def _caption_tokens(text: str) -> str:
+    return " ".join(_CAPTION_PUNCT.sub(" ", text.lower()).split())
+
+
+def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
+                   ) -> dict[str, float]:
+    """Corpus BLEU-1 and BLEU-4 (brevity penalty included, no smoothing) and mean ROUGE-L F-measure
+    (best reference per caption) from torchmetrics, on lower-cased text without
+    punctuation."""
+    from torchmetrics.functional.text import bleu_score, rouge_score
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} captions for {len(references)} reference sets")
+    if any(not refs for refs in references):
+        raise ValueError("every caption needs at least one reference")
+    preds = [_caption_tokens(p) for p in predictions]
+    refs = [[_caption_tokens(r) for r in rs] for rs in references]
+    rouge = rouge_score(preds, refs, rouge_keys=("rougeL",), accumulate="best")
+    return {"bleu1": float(bleu_score(preds, refs, n_gram=1)),
+            "bleu4": float(bleu_score(preds, refs, n_gram=4)),
+            "rougeL": float(rouge["rougeL_fmeasure"])}

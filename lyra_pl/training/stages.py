@@ -55,6 +55,9 @@ from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, paral
                                           parameter_share, unsharded_root)
 
 
+BASE_FILE = "base.json"
+
+
 # ----------------------------------------------------------------------------- batches
 def split_batch(batch: LyraInputs | dict) -> tuple[LyraInputs, Tensor | None, Tensor | None]:
     """``(inputs, units, unit_lengths)`` of a batch in either accepted form."""
@@ -174,7 +177,7 @@ class LyraStage(L.LightningModule):
         if self.device_mesh is None:
             model = LyraModel(self.config)
             self._load_weights(model)
-            self._setup_trainable_checked(model)
+            self.setup_trainable(model)
             parallelize(model, None, activation_checkpointing=self.activation_checkpointing,
                         compile=self.compile_layers)
         else:
@@ -186,7 +189,7 @@ class LyraStage(L.LightningModule):
             if self.init_from is not None:
                 for sub in sorted(Path(self.init_from).glob("adapter_*")):
                     lora.inject_saved_adapter(model.llm, sub, sub.name.removeprefix("adapter_"))
-            self._setup_trainable_checked(model)
+            self.setup_trainable(model)
             mesh = data_parallel_mesh(self.device_mesh, self.trainer.num_nodes,
                                       hybrid=self.hybrid_shard)
             parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
@@ -203,11 +206,6 @@ class LyraStage(L.LightningModule):
             loading.load_whisper(model, self.whisper)
         if self.init_from is not None:
             self.load_model(model, self.init_from)
-
-    def _setup_trainable_checked(self, model: LyraModel) -> None:
-        self.setup_trainable(model)
-        if not any(p.requires_grad for p in model.parameters()):
-            raise RuntimeError(f"{type(self).__name__}: setup_trainable left nothing to train")
 
     def setup_trainable(self, model: LyraModel) -> None:
         """Freezes everything, then unfreezes :attr:`trainable_parts`."""
@@ -230,7 +228,8 @@ class LyraStage(L.LightningModule):
     # ------------------------------------------------------------------ hand-off
     def save_model(self, directory: str | Path) -> Path:
         """Writes what the next stage needs: ``<part>.safetensors`` for the projectors and the
-        speech generator, ``adapter_<name>/`` per LoRA adapter, and ``config.json``.
+        speech generator, ``adapter_<name>/`` per LoRA adapter, ``config.json``, and
+        ``base.json`` (the ``qwen2vl`` / ``whisper`` directories this stage loaded).
 
         Under FSDP2 every rank must call it (sharded weights are gathered part by part; the
         encoders and the LLM, which no stage hands on, never are); global rank 0 writes."""
@@ -242,6 +241,10 @@ class LyraStage(L.LightningModule):
             lora.save_adapter(model.llm, name, d / f"adapter_{name}", write=write)
         if write:
             (d / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+            base = {k: str(Path(v).resolve()) for k, v in
+                    (("qwen2vl", self.qwen2vl), ("whisper", self.whisper)) if v is not None}
+            if base:  # where the frozen weights came from, for `lyra-pl eval --ckpt`
+                (d / BASE_FILE).write_text(json.dumps(base, indent=2))
         return d
 
     @property
@@ -327,12 +330,13 @@ class LyraStage(L.LightningModule):
     def predict_step(self, batch: LyraInputs | dict, batch_idx: int) -> dict[str, Any]:
         """Greedy answers to prompt batches (``LyraDataModule`` prediction): the generated ids
         per sample, how its instruction came (``speech``, ``sound`` or ``text``), and the
-        batch's keys / reference answers / choices passed through for
-        :class:`~lyra_pl.training.callbacks.AnswerAccuracy`."""
+        batch's keys / reference answers / choices / extra fields passed through for
+        :class:`~lyra_pl.training.callbacks.AnswerAccuracy` and the eval tasks
+        (:class:`~lyra_pl.eval.runner.EvalTask`)."""
         inputs = split_batch(batch)[0]
         with unsharded_root(self._require_model()) as model:
             out = model.generate(inputs, max_new_tokens=self.max_new_tokens)
-        extra = {k: batch[k] for k in ("keys", "answers", "choices")
+        extra = {k: batch[k] for k in ("keys", "answers", "choices", "extras")
                  if isinstance(batch, dict) and k in batch}
         counts = inputs.media_counts  # (B, 4): image, video, speech, sound items per sample
         kinds = (["speech" if c[2] else "sound" if c[3] else "text" for c in counts.tolist()]

@@ -1,0 +1,162 @@
+"""`lyra-pl eval --task TASK [TASK ...] --ckpt EXPORT_DIR`: the speech-centric evaluation.
+
+The model is a stage's export directory (``<stage run>/export``, written by ``ExportModel``:
+its ``config.json``, projectors, speech generator and LoRA adapters) on top of the frozen
+Qwen2-VL and Whisper weights it was trained on (``--qwen2vl`` / ``--whisper``, by default
+the ones recorded in the export's ``base.json``). Each task's data (default: the tiny
+corpus's set) is converted into shards, the model answers greedily in one process, and the
+scores go to a table, ``<out>/<task>/results.json`` (with
+``predictions.jsonl``), ``<out>/summary.json``, and one MLflow run.
+
+    lyra-pl eval --task all --ckpt runs/tiny/stage4_speech_gen/export
+    lyra-pl eval --task asr --data /data/LibriSpeech/test-clean --ckpt ... --qwen2vl ... --whisper ...
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+from lyra_pl.eval.tasks import TASKS
+
+
+def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_tokens: int):
+    """A :class:`LyraStage` holding the exported model (nothing trains) and what it loads."""
+    from lyra_pl.training.stages import BASE_FILE, LyraStage
+
+    if not (ckpt / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--ckpt {str(ckpt)!r} is not a stage export directory (no config.json); give "
+            "<stage run>/export, written at the end of fit by the ExportModel callback")
+    config = json.loads((ckpt / "config.json").read_text())
+    base = json.loads((ckpt / BASE_FILE).read_text()) if (ckpt / BASE_FILE).is_file() else {}
+    for name in ("qwen2vl", "whisper"):
+        if (ckpt / name).is_dir():  # stage 0 exports its own base model
+            base.setdefault(name, str(ckpt / name))
+    qwen2vl, whisper = qwen2vl or base.get("qwen2vl"), whisper or base.get("whisper")
+    missing = [f"--{n}" for n, v in (("qwen2vl", qwen2vl), ("whisper", whisper)) if v is None]
+    if missing:
+        raise ValueError(f"{ckpt} does not record its base weights ({BASE_FILE}); pass "
+                         f"{' and '.join(missing)}")
+    for name, path in (("qwen2vl", qwen2vl), ("whisper", whisper)):
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{name} weights {path!r} do not exist")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                 if k != "preset"}
+    module = LyraStage(preset=config["preset"], model_overrides=overrides, init_from=str(ckpt),
+                       qwen2vl=qwen2vl, whisper=whisper, param_dtype=None, reduce_dtype=None,
+                       max_new_tokens=max_new_tokens)
+    return module, {"ckpt": str(ckpt.resolve()), "qwen2vl": str(Path(qwen2vl).resolve()),
+                    "whisper": str(Path(whisper).resolve()), "preset": config["preset"]}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", nargs="+", required=True, metavar="TASK",
+                        help=f"one or more of {', '.join(TASKS)}, or all")
+    parser.add_argument("--ckpt", type=Path, required=True,
+                        help="a stage export directory (<stage run>/export)")
+    parser.add_argument("--data", default=None,
+                        help="the task's data (only with one task; default: the tiny corpus's "
+                             "set): a shard directory, an official JSON, or for asr a "
+                             "LibriSpeech-format tree or JSONL manifest")
+    parser.add_argument("--qwen2vl", default=None, help="default: the export's base.json")
+    parser.add_argument("--whisper", default=None, help="default: the export's base.json")
+    parser.add_argument("--tokenizer", default="data/tiny/tokenizer",
+                        help="local tokenizer directory (default: the tiny corpus's)")
+    parser.add_argument("--out", type=Path, default=Path("runs/eval"),
+                        help="output directory (default: runs/eval)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="answer length limit (default: per task)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="only the first N samples of each task (quick checks)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                        help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--experiment", default="lyra_pl-eval", help="MLflow experiment name")
+    parser.add_argument("--no-mlflow", action="store_true", help="log nothing to MLflow")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lyra-pl eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    names = list(TASKS) if args.task == ["all"] else args.task
+    unknown = [t for t in names if t not in TASKS]
+    if unknown:
+        parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)} or all")
+    if args.data is not None and len(names) != 1:
+        parser.error("--data names one task's data: give exactly one --task")
+    return run(args, names)
+
+
+def run(args: argparse.Namespace, names: list[str]) -> int:
+    import torch
+    from contextlib import nullcontext
+
+    from lyra_pl.data.datamodule import LyraDataModule, resolve_path
+    from lyra_pl.data.decode import load_tokenizer
+    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
+                                     results, write_outputs)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, 32)
+    module.configure_model()
+    module.to(device=device, dtype=dtype).eval()
+    # Inputs (features, pixels) arrive in float32: autocast runs them in the weights' dtype.
+    context = (lambda: torch.autocast(device.type, dtype)) if dtype != torch.float32 else nullcontext
+    info.update(device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else device), dtype=str(dtype).removeprefix("torch."))
+    tokenizer = resolve_path(args.tokenizer)
+    tok = load_tokenizer(tokenizer)
+    loggers = []
+    if not args.no_mlflow:
+        from lyra_pl.training.tracking import LyraMLFlowLogger
+
+        loggers.append(LyraMLFlowLogger(experiment_name=args.experiment,
+                                        run_name=f"eval {args.ckpt.parent.name}"))
+        loggers[0].log_hyperparams({**info, "tasks": ",".join(names),
+                                    "data": args.data or "tiny corpus", "limit": args.limit})
+    records = []
+    for name in names:
+        task = TASKS[name]
+        t0 = time.perf_counter()
+        print(f"\n=== {name}", flush=True)
+        shards, report = prepare_data(task, args.data, args.out / name / "data", limit=args.limit)
+        not_converted = report.get("skipped", []) + report.get("failed", [])
+        dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer),
+                            batch_size=args.batch_size, max_length=None,
+                            expected_ids=dict(module.config.placeholder_ids))
+        rows, skipped = answer(module, dm.predict_dataloader(), tok,
+                               args.max_new_tokens or task.max_new_tokens, context=context,
+                               progress=True)
+        if not rows:
+            raise RuntimeError(f"{name}: the model answered no sample (see the warnings above)")
+        record = results(task, rows, **info, data=str(resolve_path(args.data or task.data)),
+                         shards=str(shards), not_converted=not_converted,
+                         skipped_at_decode=[list(s) for s in skipped],
+                         seconds=round(time.perf_counter() - t0, 1),
+                         date=datetime.datetime.now().isoformat(timespec="seconds"))
+        files = write_outputs(args.out, record, rows)
+        log_to(loggers, metric_dict(record), files)
+        records.append(record)
+        print(format_results([record]), flush=True)
+        lost = len(not_converted) + len(skipped)
+        if lost:
+            print(f"warning: {lost} {name} sample(s) could not be read and are not scored "
+                  f"(see {files[1]})", file=sys.stderr)
+    table = format_results(records)
+    print("\n" + table)
+    summary = args.out / "summary.json"
+    summary.write_text(json.dumps(records, indent=1) + "\n")
+    (args.out / "summary.txt").write_text(table + "\n")
+    log_to(loggers, {}, [summary, args.out / "summary.txt"])
+    for lg in loggers:
+        lg.finalize("success")
+    print(f"\nwrote {summary} and {args.out}/<task>/{{results.json,predictions.jsonl}}")
+    return 0

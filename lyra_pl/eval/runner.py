@@ -1,0 +1,224 @@
+"""Running an eval task: its data as shards, the model's answers as rows, the scores as a
+table, a JSON file and logger metrics.
+
+- :func:`prepare_data`: a task's samples (:mod:`lyra_pl.eval.tasks`) -> the training shard
+  format (``lyra-pl data convert``), converted again only when the samples change.
+- :func:`answer`: a stage module's greedy answers to a prompt loader, as rows to score
+  (what ``lyra-pl eval`` runs).
+- :class:`EvalTask`: a callback for ``fit`` configs: the task at the end of validation every
+  ``every_n_epochs``, logged as ``eval/<task>/<group>/<metric>`` (so ``ModelCheckpoint`` can
+  monitor it).
+"""
+from __future__ import annotations
+
+import json
+import re
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm import tqdm
+
+from lyra_pl.eval.tasks import SPEECH, TEXT, Row, Scores, Task, get_task
+
+SOURCE = "samples.json"
+_GROUP_KEYS = {TEXT: "text_instruction", SPEECH: "speech_instruction",
+               f"gap {SPEECH} - {TEXT}": "gap_speech_minus_text"}
+
+
+# ----------------------------------------------------------------------------- data
+def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
+                 progress: bool = True, limit: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The task's data as a shard directory, and its conversion report (``{}`` when ``data``
+    already is a shard directory). ``data`` (default: the task's tiny-corpus set) is what
+    :attr:`Task.load` reads; the samples go to ``cache/samples.json`` and are converted into
+    ``cache/shards`` unless that already holds exactly these samples. ``limit``: only the
+    first samples (after any S+I twins are added)."""
+    from lyra_pl.data.convert import REPORT, convert
+    from lyra_pl.data.datamodule import resolve_path
+    from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256
+
+    src = resolve_path(data or task.data)
+    if (src / MANIFEST).is_file():
+        return src, {}
+    samples = task.samples(src)[:limit]
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    source, shards = cache / SOURCE, cache / "shards"
+    text = json.dumps(samples, indent=0)
+    if not source.is_file() or source.read_text() != text:  # other ranks find it written
+        source.write_text(text)
+    if (shards / MANIFEST).is_file() and manifest_source_sha256(shards) == file_sha256(source):
+        return shards, json.loads((shards / REPORT).read_text())
+    report = convert(source, shards, media_root=src if src.is_dir() else src.parent,
+                     progress=progress, overwrite=True)
+    rank_zero_info(f"{task.name}: {report.summary()}")
+    return shards, report.to_dict()
+
+
+# ----------------------------------------------------------------------------- rows
+def rows_from_outputs(outputs: dict[str, Any], tokenizer) -> list[Row]:
+    """Rows to score from one ``predict_step`` output (a dict per sample)."""
+    rows = []
+    for i, ids in enumerate(outputs["tokens"]):
+        extra = outputs.get("extras", [{}] * len(outputs["tokens"]))[i]
+        rows.append({"key": outputs["keys"][i], "variant": extra.get("variant"),
+                     "pair": extra.get("pair"), "instruction": outputs["instruction"][i],
+                     "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                     "answer": outputs["answers"][i], "extra": extra})
+    return rows
+
+
+def results(task: Task, rows: Sequence[Row], **info: Any) -> dict[str, Any]:
+    """The task's result record: scores per group plus what produced them."""
+    scores = task.score(rows)
+    return {"task": task.name, "headline": task.headline,
+            "lower_is_better": task.lower_is_better, "scores": scores, **info}
+
+
+def metric_dict(result: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
+    """``{prefix}/<task>/<group>/<metric>``: value, with logger-safe group names."""
+    out = {}
+    for group, values in result["scores"].items():
+        key = _GROUP_KEYS.get(group) or re.sub(r"[^\w./-]+", "_", group)
+        for metric, value in values.items():
+            out[f"{prefix}/{result['task']}/{key}/{metric}"] = float(value)
+    return out
+
+
+def format_results(records: Sequence[dict[str, Any]]) -> str:
+    """One line per task, group and metric."""
+    head = f"{'task':<15}{'group':<24}{'n':>6}  {'metric':<14}{'value':>9}"
+    lines = [head, "-" * len(head)]
+    for r in records:
+        for group, values in r["scores"].items():
+            for metric, value in values.items():
+                if metric != "n":
+                    arrow = ""
+                    if metric == r["headline"] and group == "all":
+                        arrow = "  (lower is better)" if r["lower_is_better"] else "  <-"
+                    lines.append(f"{r['task']:<15}{group:<24}{int(values['n']):>6}  "
+                                 f"{metric:<14}{value:>9.4f}{arrow}")
+    return "\n".join(lines)
+
+
+def write_outputs(out: Path, result: dict[str, Any], rows: Sequence[Row]) -> list[Path]:
+    """``out/<task>/predictions.jsonl`` and ``out/<task>/results.json``."""
+    d = out / result["task"]
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / "predictions.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    (d / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    return [d / "predictions.jsonl", d / "results.json"]
+
+
+def log_to(loggers: Sequence[Any], metrics: dict[str, float], files: Sequence[Path] = (),
+           step: int | None = None) -> None:
+    """Metrics to every logger; files as artifacts to MLflow loggers."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    for lg in loggers:
+        lg.log_metrics(metrics, step=step)
+        if isinstance(lg, MLFlowLogger):
+            for f in files:
+                lg.experiment.log_artifact(lg.run_id, str(f), artifact_path="eval")
+
+
+# ----------------------------------------------------------------------------- callbacks
+def answer(module: L.LightningModule, loader, tokenizer, max_new_tokens: int,
+           limit_batches: int | None = None, context: Callable[[], Any] = nullcontext,
+           progress: bool = False) -> tuple[list[Row], list[tuple[str, str]]]:
+    """Greedy answers of a stage module (:meth:`LyraStage.predict_step`) to every batch of a
+    prompt loader: (rows, samples the loader skipped as undecodable, with the reason)."""
+    rows: list[Row] = []
+    skipped: list[tuple[str, str]] = []
+    previous = module.max_new_tokens
+    module.max_new_tokens = max_new_tokens
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(tqdm(loader, desc="answering", unit="batch",
+                                           disable=not progress, leave=False)):
+                if limit_batches is not None and i >= limit_batches:
+                    break
+                batch = module.transfer_batch_to_device(batch, module.device, 0)
+                with context():
+                    rows += rows_from_outputs(module.predict_step(batch, i), tokenizer)
+                skipped += [tuple(s) for s in batch.get("skipped", [])]
+    finally:
+        module.max_new_tokens = previous
+    return rows, skipped
+
+
+class EvalTask(L.Callback):
+    """An eval task at the end of validation during ``fit``: greedy answers to the task's
+    data, scored and logged as ``eval/<task>/<group>/<metric>`` (e.g.
+    ``eval/textvqa/speech_instruction/vqa_accuracy``), and written to
+    ``<default_root_dir>/eval/<task>/epoch<N>.json``.
+
+    Every rank answers the whole set (generation under FSDP2 needs every rank in step), so
+    the scores are the same everywhere and need no reduction.
+
+    Args:
+        task: a name from :data:`lyra_pl.eval.tasks.TASKS`.
+        data: its data (default: the task's tiny-corpus set).
+        tokenizer: default: the data module's.
+        every_n_epochs: run after every n-th validation epoch.
+        batch_size, max_new_tokens: generation batches and answer length (default: the task's).
+        limit_batches: only the first batches (a quick signal on a big set).
+    """
+
+    def __init__(self, task: str, data: str | None = None, tokenizer: str | None = None,
+                 every_n_epochs: int = 1, batch_size: int = 8, max_new_tokens: int | None = None,
+                 limit_batches: int | None = None):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.task = get_task(task)
+        self.data = data
+        self.tokenizer = tokenizer
+        self.every_n_epochs = every_n_epochs
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
+        self.limit_batches = limit_batches
+        self._shards: Path | None = None
+
+    def _loader(self, trainer, pl_module):
+        from lyra_pl.data.datamodule import LyraDataModule
+
+        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"EvalTask({self.task.name}) needs a tokenizer directory")
+        if self._shards is None:
+            cache = Path(trainer.default_root_dir) / "eval_data" / self.task.name
+            if trainer.is_global_zero:
+                prepare_data(self.task, self.data, cache, progress=False)
+            trainer.strategy.barrier("EvalTask.prepare_data")
+            self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
+        config = getattr(pl_module, "config", None)
+        dm = LyraDataModule(predict=str(self._shards), tokenizer=tokenizer,
+                            batch_size=self.batch_size, max_length=None,
+                            expected_ids=dict(config.placeholder_ids) if config else None)
+        return dm.predict_dataloader(), tokenizer
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        from lyra_pl.data.datamodule import resolve_path
+        from lyra_pl.data.decode import load_tokenizer
+
+        loader, tokenizer = self._loader(trainer, pl_module)
+        tok = load_tokenizer(resolve_path(tokenizer))
+        rows, _ = answer(pl_module, loader, tok, self.max_new_tokens, self.limit_batches,
+                         trainer.precision_plugin.forward_context)
+        result = results(self.task, rows, epoch=trainer.current_epoch,
+                         step=trainer.global_step)
+        metrics = metric_dict(result)
+        pl_module.log_dict(metrics, sync_dist=False)
+        if trainer.is_global_zero:
+            out = Path(trainer.default_root_dir) / "eval" / self.task.name
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"epoch{trainer.current_epoch}.json").write_text(json.dumps(result, indent=1))
+            rank_zero_info(format_results([result]))

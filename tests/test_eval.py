@@ -1,0 +1,163 @@
+"""The eval tasks: reading each data format, the spoken twins of typed questions, scoring rows
+by hand, the shard cache, and an eval task run at the end of validation during fit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from lyra_pl.data.media import encode_wav
+from lyra_pl.eval.runner import EvalTask, format_results, metric_dict, prepare_data, results
+from lyra_pl.eval.tasks import (SPEECH, TASKS, TEXT, asr_samples, get_task, score_asr,
+                                score_textvqa, score_videomme, with_spoken_twins)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def row(key, prediction, gold, variant=None, pair=None, **extra):
+    return {"key": key, "variant": variant, "pair": pair, "prediction": prediction,
+            "answer": gold, "extra": extra}
+
+
+# ----------------------------------------------------------------------------- data formats
+def test_librispeech_tree_and_manifest(tmp_path):
+    import numpy as np
+
+    chapter = tmp_path / "ls" / "19" / "198"
+    chapter.mkdir(parents=True)
+    wav = encode_wav(np.zeros(1600, np.float32), 16000)
+    for utt in ("19-198-0000", "19-198-0001"):
+        (chapter / f"{utt}.wav").write_bytes(wav)
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO WORLD\n19-198-0001 GOOD DAY\n")
+    samples = asr_samples(tmp_path / "ls")
+    assert [s["id"] for s in samples] == ["19-198-0000", "19-198-0001"]
+    assert samples[1]["speech"] == "19/198/19-198-0001.wav"
+    assert samples[1]["conversations"][-1]["value"] == "GOOD DAY"
+    assert samples[0]["conversations"][0]["value"].startswith("<speech>\n")
+
+    (chapter / "19-198.trans.txt").write_text("19-198-0002 MISSING AUDIO\n")
+    with pytest.raises(ValueError, match=r"19-198.trans.txt:1: no audio 19-198-0002"):
+        asr_samples(tmp_path / "ls")
+    with pytest.raises(ValueError, match="no \\*.trans.txt"):
+        asr_samples(_empty_dir(tmp_path))
+
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio_filepath": "a/x.wav", "text": "hi", "duration": 1})
+                        + "\n\n" + json.dumps({"audio_filepath": "y.wav"}) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:3: .*audio_filepath and text"):
+        asr_samples(manifest)
+    manifest.write_text(json.dumps({"audio_filepath": "a/x.wav", "text": "hi"}) + "\n")
+    assert asr_samples(manifest)[0]["speech"] == "a/x.wav"
+
+
+def _empty_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "empty"
+    d.mkdir()
+    return d
+
+
+def test_spoken_twins():
+    typed = {"id": "q1", "image": "a.png", "answers": ["red"], "speech_instruction": "q.wav",
+             "conversations": [{"from": "human", "value": "<image>\nWhat color is it?"},
+                               {"from": "gpt", "value": "red"}]}
+    plain = {"id": "q2", "image": "b.png",
+             "conversations": [{"from": "human", "value": "<image>\nName it."},
+                               {"from": "gpt", "value": "x"}]}
+    ti, si, only = with_spoken_twins([typed, plain])
+    assert (ti["id"], ti["variant"], ti["pair"]) == ("q1_ti", TEXT, "q1")
+    assert "speech_instruction" not in ti and "speech" not in ti
+    assert ti["conversations"] == typed["conversations"]
+    assert (si["id"], si["variant"], si["pair"], si["speech"]) == ("q1_si", SPEECH, "q1", "q.wav")
+    assert si["conversations"][0]["value"] == "<image>\n<speech>"
+    assert si["speech_asr"] == "What color is it?"
+    assert si["answers"] == ["red"] and si["conversations"][1] == typed["conversations"][1]
+    assert only["id"] == "q2_ti"
+    with pytest.raises(ValueError, match="its own speech"):
+        with_spoken_twins([{**typed, "speech": "other.wav"}])
+    with pytest.raises(ValueError, match="no typed instruction"):
+        with_spoken_twins([{**typed, "conversations": [{"from": "human", "value": "<image>"},
+                                                       {"from": "gpt", "value": "red"}]}])
+
+
+def test_shipped_eval_sets_read():
+    """Every task's tiny-corpus set loads, and the VQA sets pair each question with a spoken
+    twin of the held-out voice."""
+    for task in TASKS.values():
+        samples = task.samples(ROOT / task.data)
+        assert samples, task.name
+    vqa = TASKS["textvqa"].samples(ROOT / TASKS["textvqa"].data)
+    assert sum(s["variant"] == TEXT for s in vqa) == sum(s["variant"] == SPEECH for s in vqa) == 90
+    with pytest.raises(ValueError, match="unknown eval task 'nope'"):
+        get_task("nope")
+
+
+# ----------------------------------------------------------------------------- scoring
+def test_scores_by_hand():
+    rows = [row("a_ti", "Red", "red", TEXT, "a", answers=["red"] * 3 + ["blue"] * 7),
+            row("a_si", "blue", "red", SPEECH, "a", answers=["red"] * 3 + ["blue"] * 7),
+            row("b_ti", "cat", "cat", TEXT, "b"),
+            row("b_si", "dog", "cat", SPEECH, "b"),
+            row("c_ti", "sun", "sun", TEXT, "c")]
+    s = score_textvqa(rows)
+    red = (7 * 1.0 + 3 * 2 / 3) / 10  # 3 of 10 answers say red
+    assert s[TEXT] == {"n": 3, "vqa_accuracy": pytest.approx((red + 1 + 1) / 3)}
+    assert s[SPEECH] == {"n": 2, "vqa_accuracy": pytest.approx((1.0 + 0) / 2)}
+    assert s["all"]["n"] == 5
+    # the gap is over the two questions asked both ways: (1 - red) + (0 - 1), halved
+    assert s["gap S+I - T+I"] == {"n": 2, "vqa_accuracy": pytest.approx((1 - red - 1) / 2)}
+    keys = metric_dict({"task": "textvqa", "scores": s})
+    assert keys["eval/textvqa/speech_instruction/vqa_accuracy"] == pytest.approx(0.5)
+    assert "eval/textvqa/gap_speech_minus_text/n" in keys
+
+    opts = ["A. red", "B. blue", "C. green", "D. yellow"]
+    mc = score_videomme([row("v0", "The answer is B", "B", options=opts, answer="B"),
+                         row("v1", "green", "A", options=opts, answer="A"),
+                         row("v2", "A", "A", options=opts[:2], answer="A")])
+    assert mc["all"] == {"n": 3, "accuracy": pytest.approx(2 / 3),
+                         "chance": pytest.approx((1 / 4 + 1 / 4 + 1 / 2) / 3)}
+
+    asr = score_asr([row("u0", "the cat sat", "THE CAT SAT DOWN"), row("u1", "a b", "A C")])
+    assert asr["all"] == {"n": 2, "wer": pytest.approx(2 / 6)}
+    table = format_results([results(TASKS["asr"], [row("u0", "the cat", "THE CAT")])])
+    assert "asr" in table and "wer" in table and "lower is better" in table
+
+
+# ----------------------------------------------------------------------------- shards
+def test_prepare_data_converts_once(tmp_path):
+    task = TASKS["docvqa"]
+    shards, report = prepare_data(task, None, tmp_path / "cache", progress=False, limit=5)
+    assert report["converted"] == 5 and not report["skipped"] and not report["failed"]
+    stamp = (shards / "manifest.json").stat().st_mtime_ns
+    again, _ = prepare_data(task, None, tmp_path / "cache", progress=False, limit=5)
+    assert again == shards and (shards / "manifest.json").stat().st_mtime_ns == stamp
+    more, report = prepare_data(task, None, tmp_path / "cache", progress=False, limit=6)
+    assert report["converted"] == 6  # other samples: converted again
+    # a shard directory is used as it is
+    assert prepare_data(task, str(shards), tmp_path / "other")[0] == shards
+    with pytest.raises(FileNotFoundError, match="docvqa: data .* does not exist"):
+        prepare_data(task, str(tmp_path / "missing.json"), tmp_path / "c2")
+
+
+# ----------------------------------------------------------------------------- during fit
+def test_eval_task_at_validation_end(tmp_path):
+    from lyra_pl.data.datamodule import LyraDataModule
+    from lyra_pl.training.stages import JointSFTStage
+
+    dm = LyraDataModule(train=str(tmp_path / "train"), train_source="data/tiny/stage2_joint.val.json",
+                        val=str(tmp_path / "train"), tokenizer="data/tiny/tokenizer",
+                        batch_size=4, max_length=512)
+    stage = JointSFTStage(preset="tiny", lora_r=4, lora_alpha=8, param_dtype=None)
+    callback = EvalTask("docvqa", limit_batches=1, batch_size=4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False,
+                        val_check_interval=2,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+                        callbacks=[callback], enable_model_summary=False)
+    trainer.fit(stage, datamodule=dm)
+    metrics = trainer.callback_metrics
+    assert metrics["eval/docvqa/all/n"] == 4  # one batch of the limited run
+    assert 0.0 <= float(metrics["eval/docvqa/all/exact_match"]) <= 1.0
+    written = json.loads((tmp_path / "eval" / "docvqa" / "epoch0.json").read_text())
+    assert written["task"] == "docvqa" and written["scores"]["all"]["n"] == 4
