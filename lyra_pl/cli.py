@@ -26,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         from lyra_pl.eval.cli import main as eval_main
 
         return eval_main(argv[1:])
+    if argv[:1] == ["needle"]:
+        from lyra_pl.eval.needle import main as needle_main
+
+        return needle_main(argv[1:])
     if argv[:1] == ["pipeline"]:
         from lyra_pl.training.cli import pipeline
 

@@ -161,3 +161,34 @@ def test_eval_task_at_validation_end(tmp_path):
     assert 0.0 <= float(metrics["eval/docvqa/all/exact_match"]) <= 1.0
     written = json.loads((tmp_path / "eval" / "docvqa" / "epoch0.json").read_text())
     assert written["task"] == "docvqa" and written["scores"]["all"]["n"] == 4
+
+
+# ----------------------------------------------------------------------------- needle
+def test_needle_haystack_and_scoring(tmp_path):
+    import numpy as np
+
+    from lyra_pl.eval.needle import GAP_S, answered, audio_files, haystack, insert
+
+    clips = [np.full(16000, 0.5, np.float32), np.full(8000, -0.5, np.float32)]
+    hay = haystack(clips, 4.0)
+    assert len(hay) == 4 * 16000
+    gap = int(GAP_S * 16000)
+    # clip 0, gap, clip 1, gap, clip 0 again (cut)
+    assert hay[0] == 0.5 and hay[16000] == 0 and hay[16000 + gap] == -0.5
+    assert hay[16000 + gap + 8000 + gap] == 0.5
+    needle = np.ones(1600, np.float32)
+    for depth, at in ((0.0, 0), (0.5, 32000), (1.0, 64000)):
+        out, start = insert(hay, needle, depth)
+        assert start == at and len(out) == len(hay) + 1600
+        assert (out[at:at + 1600] == 1).all()
+    with pytest.raises(ValueError, match="outside"):
+        insert(hay, needle, 1.5)
+    assert answered("The code word is Cherry.", "cherry")
+    assert answered("seven", "seven") and not answered("seventy", "seven")
+    assert not answered("", "seven")
+    (tmp_path / "b.wav").write_bytes(b"")
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [f.name for f in audio_files([tmp_path])] == ["a.wav", "b.wav"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        audio_files([tmp_path / "missing"])

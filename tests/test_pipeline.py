@@ -107,3 +107,59 @@ def test_stage2_cli_on_two_processes_shards_and_resumes(pipeline_run):
     assert "Restoring states from the checkpoint" in out or "Restored all states" in out
     meta = torch.load(last / "meta.pt", weights_only=False)
     assert meta["global_step"] == 6
+
+
+def test_eval_every_task_on_the_final_export(pipeline_run):
+    """`lyra-pl eval --task all` on the stage-4 export: every task scored from the tiny
+    corpus's sets (base weights found through base.json), results as table, JSON and MLflow."""
+    import mlflow
+
+    cwd, _ = pipeline_run
+    export = cwd / "runs" / "tiny" / "stage4_speech_gen" / "export"
+    assert json.loads((export / "base.json").read_text())["qwen2vl"].endswith(
+        "stage0_base_vlm/export/qwen2vl")
+    out = lyra_pl(["eval", "--task", "all", "--ckpt", str(export), "--limit", "8",
+                   "--out", "runs/eval"], cwd)
+    assert "vqa_accuracy" in out and "gap S+I - T+I" in out
+    records = {r["task"]: r for r in json.loads((cwd / "runs/eval/summary.json").read_text())}
+    assert set(records) == {"asr", "textvqa", "docvqa", "videomme", "sound_caption"}
+    assert records["asr"]["scores"]["all"]["n"] == 8
+    assert {"all", "T+I", "S+I", "gap S+I - T+I"} <= set(records["textvqa"]["scores"])
+    assert records["sound_caption"]["scores"]["all"]["n"] == 6  # the set has 6
+    for task in records:
+        lines = (cwd / "runs/eval" / task / "predictions.jsonl").read_text().splitlines()
+        assert len(lines) == records[task]["scores"]["all"]["n"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lyra_pl-eval")
+    run = [r for r in client.search_runs([exp.experiment_id])
+           if r.info.run_name == "eval stage4_speech_gen"][0]
+    assert "eval/textvqa/speech_instruction/vqa_accuracy" in run.data.metrics
+    assert "eval/asr/all/wer" in run.data.metrics
+    assert {"eval/summary.json", "eval/summary.txt"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+
+
+def test_needle_heatmap_for_the_tiny_model(pipeline_run):
+    import mlflow
+
+    cwd, _ = pipeline_run
+    export = cwd / "runs" / "tiny" / "stage3_long_speech" / "export"
+    out = lyra_pl(["needle", "--ckpt", str(export), "--num-needles", "2", "--lengths", "10",
+                   "40", "--depths", "0", "0.5", "1", "--out", "runs/needle"], cwd)
+    assert "accuracy (rows: haystack length" in out
+    d = cwd / "runs" / "needle"
+    for png in ("needle_heatmap.png", "kept_tokens.png"):
+        assert (d / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((d / "needle.json").read_text())
+    assert len(record["accuracy"]) == 2 and len(record["accuracy"][0]) == 3
+    assert len(record["answers"]) == 2 * 3 * 2
+    kept = record["kept_map"]["speech_tokens"]
+    assert len(kept) == 1 + len(record["kept_map"]["pruned_after_layers"]) >= 2
+    assert kept == sorted(kept, reverse=True) and kept[-1] < kept[0]  # LMME pruned speech
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lyra_pl-eval")
+    run = [r for r in client.search_runs([exp.experiment_id])
+           if r.info.run_name == "needle stage3_long_speech"][0]
+    assert "needle/accuracy_40s" in run.data.metrics
+    assert "eval/needle_heatmap.png" in {a.path for a in client.list_artifacts(run.info.run_id,
+                                                                             "eval")}

@@ -25,6 +25,13 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     prefill.add_arguments(p)
     p.set_defaults(run=prefill.main)
+    from lyra_pl.bench import train
+
+    p = sub.add_parser("train", help="training throughput and MFU of a stage-2 step, baseline "
+                                     "vs LMME", description=train.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(run=train.main)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -23,8 +23,10 @@ from pathlib import Path
 from lyra_pl.eval.tasks import TASKS
 
 
-def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_tokens: int):
-    """A :class:`LyraStage` holding the exported model (nothing trains) and what it loads."""
+def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_tokens: int,
+                 overrides: dict | None = None):
+    """A :class:`LyraStage` holding the exported model (nothing trains), with ``overrides``
+    of its LyraConfig (e.g. LMME), and what it loads."""
     from lyra_pl.training.stages import BASE_FILE, LyraStage
 
     if not (ckpt / "config.json").is_file():
@@ -44,8 +46,8 @@ def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_t
     for name, path in (("qwen2vl", qwen2vl), ("whisper", whisper)):
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{name} weights {path!r} do not exist")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-                 if k != "preset"}
+    overrides = {**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+                    if k != "preset"}, **(overrides or {})}
     module = LyraStage(preset=config["preset"], model_overrides=overrides, init_from=str(ckpt),
                        qwen2vl=qwen2vl, whisper=whisper, param_dtype=None, reduce_dtype=None,
                        max_new_tokens=max_new_tokens)

@@ -1,0 +1,292 @@
+"""Training throughput of a stage-2 step (joint SFT: speech projector + ``speech`` LoRA, CE +
+LCMR), baseline vs LMME: tokens/s, step time, peak memory and model FLOPs utilization.
+
+The real training path runs: :class:`~lyra_pl.training.stages.JointSFTStage` in a Lightning
+``Trainer`` (FSDP2 over one device on CUDA by default, as on one GPU of a cluster), AdamW,
+random weights (cost does not depend on them). Every step sees the same batch: per sample a
+system prompt, one speech clip of the length that fills ``--seq`` decoder tokens (10 speech
+tokens per second), a 64-token instruction and a 32-token answer, and a transcript of
+2.5 tokens per second of speech for LCMR. Steps after ``--warmup`` are timed (CUDA
+synchronized); peak memory is measured over the timed steps.
+
+Model FLOPs per step are counted from the module shapes and the tokens each decoder layer
+really processed (LMME shrinks them): 2 FLOPs per multiply-add; decoder linears forward +
+input gradients (+ weight gradients for the LoRA factors), causal attention 2 n^2 d forward
+and twice that backward; the frozen Whisper encoder forward (non-causal attention, per 30 s
+window); the trainable projector forward + weight gradients; ``lm_head`` on the answer tokens.
+MFU = FLOPs / (step time x the device's peak dense bf16 FLOP/s: H100/H200 SXM 989 TFLOP/s,
+H100 PCIe 756, A100 312, or ``--peak-tflops``). On CPU there is no MFU unless a peak is given.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+
+SETTINGS = {"baseline": None, "LMME(4,0.8)": (4, 0.8), "LMME(4,0.7)": (4, 0.7)}
+SYSTEM_TOKENS, INSTRUCTION_TOKENS, ANSWER_TOKENS = 16, 64, 32
+SPEECH_TOKENS_PER_S, TRANSCRIPT_TOKENS_PER_S = 10, 2.5
+PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+
+
+@dataclass
+class Row:
+    setting: str
+    seq: int
+    batch_size: int
+    step_s: float
+    tokens_per_s: float
+    peak_gib: float
+    tflops_per_step: float
+    mfu: float
+    decoder_tokens: str  # tokens per layer of sample 0 (first, after each pruning step)
+    note: str = ""
+
+
+def peak_tflops(device: torch.device, given: float | None) -> float | None:
+    if given is not None:
+        return given
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def make_batch(config, seq: int, batch_size: int):
+    """The benchmark batch: a dict ``{"inputs": LyraInputs}`` of ``batch_size`` equal samples
+    of ``seq`` decoder tokens."""
+    from lyra_pl.model.inputs import Sample, collate
+
+    text = SYSTEM_TOKENS + INSTRUCTION_TOKENS + ANSWER_TOKENS
+    speech_tokens = seq - text
+    if speech_tokens < SPEECH_TOKENS_PER_S:
+        raise ValueError(f"--seq {seq}: too short for a speech clip after {text} text tokens")
+    seconds = speech_tokens / SPEECH_TOKENS_PER_S
+    g = torch.Generator().manual_seed(0)
+    ids = config.placeholder_ids
+    vocab = min(config.vocab_size, min(ids.values()))  # ordinary tokens only
+
+    def words(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=g).tolist()
+
+    prompt = words(SYSTEM_TOKENS) + [ids["speech"]] + words(INSTRUCTION_TOKENS)
+    answer = words(ANSWER_TOKENS)
+    samples = [Sample(input_ids=prompt + answer, labels=[-100] * len(prompt) + answer,
+                      speech=[0.1 * torch.randn(int(seconds * 16000), generator=g)],
+                      transcripts=[words(max(1, round(seconds * TRANSCRIPT_TOKENS_PER_S)))])
+               for _ in range(batch_size)]
+    return {"inputs": collate(samples, ids, config.pad_token_id)}
+
+
+def _linear_params(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    """Weights of the Linear / Conv layers under ``module`` (global sizes under FSDP2)."""
+    total = 0
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
+            w = m.weight
+            if trainable is None or w.requires_grad == trainable:
+                total += w.numel()
+    return total
+
+
+def step_flops(model, tokens_per_layer: list[list[int]], speech_tokens: list[int],
+               windows: int, answer_tokens: int) -> float:
+    """Model FLOPs of one training step (see the module docstring). ``tokens_per_layer``:
+    per sample, the decoder tokens of each layer."""
+    cfg = model.config
+    layer = model.llm.layers[0]
+    frozen = _linear_params(layer, trainable=False)
+    lora = _linear_params(layer, trainable=True)
+    d = cfg.num_heads * cfg.head_dim
+    flops = 0.0
+    for per_layer in tokens_per_layer:
+        for n in per_layer:
+            flops += 2 * n * frozen * 2  # forward + input gradients
+            flops += 2 * n * lora * 3  # forward + input + weight gradients
+            flops += 2 * n * n * d * 3  # causal attention: forward, backward twice that
+    flops += 2 * answer_tokens * cfg.hidden_size * cfg.vocab_size * 2
+    proj = sum(p.numel() for p in model.speech_projector.parameters())
+    flops += 2 * sum(speech_tokens) * proj * 2  # forward + weight gradients
+    enc = model.audio_encoder
+    frames = 1500
+    flops += windows * (2 * frames * _linear_params(enc)
+                        + 4 * frames * frames * cfg.audio_dim * cfg.audio_layers)
+    return flops
+
+
+def run_setting(args, name: str, setting: tuple[int, float] | None, device: torch.device
+                ) -> Row:
+    from lyra_pl.training.parallelize import FSDP2Strategy
+    from lyra_pl.training.stages import JointSFTStage
+
+    overrides = {"lmme_blocks": setting[0], "lmme_keep_ratio": setting[1]} if setting else {}
+    cuda = device.type == "cuda"
+    stage = JointSFTStage(preset=args.preset, model_overrides=overrides,
+                          lora_r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                          activation_checkpointing=args.activation_checkpointing,
+                          param_dtype="bfloat16" if cuda else None,
+                          reduce_dtype="float32" if cuda else None, warmup_ratio=0.0)
+    batch = make_batch(stage.config, args.seq, args.batch_size)
+    timer = StepTimer(args.warmup, device)
+    strategy = FSDP2Strategy() if args.strategy == "fsdp" else "auto"
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy,
+                        precision="32-true" if args.strategy == "fsdp" or not cuda
+                        else "bf16-mixed",
+                        max_steps=args.warmup + args.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[timer], default_root_dir=str(args.out))
+    loader = torch.utils.data.DataLoader([batch] * (args.warmup + args.steps), batch_size=None)
+    trainer.fit(stage, train_dataloaders=loader)
+    step_s = statistics.median(timer.times)
+    model = stage.model
+    on_device = stage.transfer_batch_to_device(batch, stage.device, 0)
+    tokens, speech = _decoder_tokens(model, on_device)
+    windows = int(batch["inputs"].speech.num_windows().sum())
+    flops = step_flops(model, tokens, speech, windows, args.batch_size * ANSWER_TOKENS)
+    peak = peak_tflops(device, args.peak_tflops)
+    entering = sum(t[0] for t in tokens)
+    return Row(name, args.seq, args.batch_size, step_s, entering / step_s, timer.peak_gib,
+               flops / 1e12, flops / step_s / (peak * 1e12) if peak else math.nan,
+               "/".join(str(n) for n in tokens[0]))
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step after ``warmup`` (CUDA synchronized), and the peak
+    memory of those steps."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.times: list[float] = []
+        self.peak_gib = math.nan
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._sync()
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync()
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self._t0)
+        if self.device.type == "cuda":
+            self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+
+
+def _decoder_tokens(model, batch) -> tuple[list[list[int]], list[int]]:
+    """Per sample, the decoder tokens each layer processes (LMME shrinks them), and its
+    speech tokens, from one forward pass."""
+    from lyra_pl.model.assemble import SPEECH
+
+    from lyra_pl.training.parallelize import unsharded_root
+
+    inputs = batch["inputs"]
+    with torch.no_grad(), unsharded_root(model):
+        model.activate_adapters(inputs)
+        assembled, _ = model.prepare(inputs)
+        _, keeps = model.run_decoder(assembled)
+    prune_at = model.config.lmme_layers()
+    n = assembled.valid.sum(1).tolist()
+    speech = (assembled.modality == SPEECH).sum(1).tolist()
+    kept = [k.sum(1).tolist() for k in keeps]
+    out = []
+    for b in range(len(n)):
+        per, current, j = [], n[b], 0
+        for i in range(model.config.num_layers):
+            per.append(current)
+            if i in prune_at:
+                current = kept[j][b]
+                j += 1
+        out.append(per)
+    return out, speech
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'setting':<13}{'seq':>7}{'batch':>6}{'step s':>9}{'tokens/s':>11}{'peak GiB':>10}"
+            f"{'TFLOP/step':>12}{'MFU':>7}  decoder tokens per layer (sample 0)")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r.note:
+            lines.append(f"{r.setting:<13}{r.seq:>7}{r.batch_size:>6}  {r.note}")
+            continue
+        mfu = "n/a" if math.isnan(r.mfu) else f"{r.mfu:.1%}"
+        layers = r.decoder_tokens.split("/")
+        short = "/".join(dict.fromkeys(layers)) if len(layers) > 8 else r.decoder_tokens
+        lines.append(f"{r.setting:<13}{r.seq:>7}{r.batch_size:>6}{r.step_s:>9.3f}"
+                     f"{r.tokens_per_s:>11.0f}{r.peak_gib:>10.2f}{r.tflops_per_step:>12.3g}"
+                     f"{mfu:>7}  {short}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, help="default: mini on CUDA, tiny on CPU")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="decoder tokens per sample (default: 4096 on CUDA, 512 on CPU)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps (default: 2)")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--lora-rank", type=int, default=64, help="speech LoRA rank (default 64)")
+    parser.add_argument("--strategy", choices=["fsdp", "single"], default=None,
+                        help="fsdp: FSDP2 over one device (default on CUDA); single: no sharding")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--out", type=Path, default=Path("bench_results"))
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    args.preset = args.preset or ("mini" if cuda else "tiny")
+    args.seq = args.seq or (4096 if cuda else 512)
+    args.strategy = args.strategy or ("fsdp" if cuda else "single")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for name in args.settings:
+        try:
+            rows.append(run_setting(args, name, SETTINGS[name], device))
+        except torch.cuda.OutOfMemoryError:
+            rows.append(Row(name, args.seq, args.batch_size, math.nan, math.nan, math.nan,
+                            math.nan, math.nan, "", "OOM"))
+            torch.cuda.empty_cache()
+        print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows))
+    stem = args.out / (f"train_{args.preset}_seq{args.seq}_{datetime.date.today().isoformat()}_"
+                       f"{device.type}")
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
+            "preset": args.preset, "seq": args.seq, "batch_size": args.batch_size,
+            "steps": args.steps, "warmup": args.warmup, "strategy": args.strategy,
+            "lora_rank": args.lora_rank, "activation_checkpointing": args.activation_checkpointing,
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
+            "peak_tflops": peak_tflops(device, args.peak_tflops), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu_cores": __import__("os").cpu_count(),
+            "rows": [asdict(r) for r in rows]}
+    stem.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"\nwrote {stem}.csv, {stem}.json")
+    return 0
