@@ -7,7 +7,7 @@ random weights (cost does not depend on them). Every step sees the same batch: p
 system prompt, one speech clip of the length that fills ``--seq`` decoder tokens (10 speech
 tokens per second), a 64-token instruction and a 32-token answer, and a transcript of
 2.5 tokens per second of speech for LCMR. Steps after ``--warmup`` are timed (CUDA
-synchronized); peak memory is measured over the timed steps.
+synchronized); peak memory (CUDA only) is torch's peak allocation over the timed steps.
 
 Model FLOPs per step are counted from the module shapes and the tokens each decoder layer
 really processed (LMME shrinks them): 2 FLOPs per multiply-add; decoder linears forward +
@@ -226,10 +226,11 @@ def format_table(rows: list[Row]) -> str:
             lines.append(f"{r.setting:<13}{r.seq:>7}{r.batch_size:>6}  {r.note}")
             continue
         mfu = "n/a" if math.isnan(r.mfu) else f"{r.mfu:.1%}"
+        peak = "n/a" if math.isnan(r.peak_gib) else f"{r.peak_gib:.2f}"  # CUDA only
         layers = r.decoder_tokens.split("/")
         short = "/".join(dict.fromkeys(layers)) if len(layers) > 8 else r.decoder_tokens
         lines.append(f"{r.setting:<13}{r.seq:>7}{r.batch_size:>6}{r.step_s:>9.3f}"
-                     f"{r.tokens_per_s:>11.0f}{r.peak_gib:>10.2f}{r.tflops_per_step:>12.3g}"
+                     f"{r.tokens_per_s:>11.0f}{peak:>10}{r.tflops_per_step:>12.3g}"
                      f"{mfu:>7}  {short}")
     return "\n".join(lines)
 
