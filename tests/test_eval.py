@@ -145,7 +145,8 @@ def test_eval_task_at_validation_end(tmp_path):
     from lyra_pl.data.datamodule import LyraDataModule
     from lyra_pl.training.stages import JointSFTStage
 
-    dm = LyraDataModule(train=str(tmp_path / "train"), train_source="data/tiny/stage2_joint.val.json",
+    dm = LyraDataModule(train=str(tmp_path / "train"),
+                        train_source="data/tiny/stage2_joint.val.json",
                         val=str(tmp_path / "train"), tokenizer="data/tiny/tokenizer",
                         batch_size=4, max_length=512)
     stage = JointSFTStage(preset="tiny", lora_r=4, lora_alpha=8, param_dtype=None)

@@ -55,6 +55,19 @@ def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_t
                     "whisper": str(Path(whisper).resolve()), "preset": config["preset"]}
 
 
+def inference_setup(device: str | None, dtype: str | None):
+    """(device, dtype, autocast context factory): CUDA and bfloat16 when available, else CPU
+    and float32. Inputs (features, pixels) arrive in float32; autocast runs them in the
+    weights' dtype."""
+    import torch
+    from contextlib import nullcontext
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
+    context = (lambda: torch.autocast(dev.type, dt)) if dt != torch.float32 else nullcontext
+    return dev, dt, context
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", nargs="+", required=True, metavar="TASK",
                         help=f"one or more of {', '.join(TASKS)}, or all")
@@ -75,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="answer length limit (default: per task)")
     parser.add_argument("--limit", type=int, default=None,
                         help="only the first N samples of each task (quick checks)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--device", default=None,
+                        help="torch device (default: cuda when available)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                         help="weights and compute (default: bfloat16 on CUDA, float32 on CPU)")
     parser.add_argument("--experiment", default="lyra_pl-eval", help="MLflow experiment name")
@@ -98,20 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, names: list[str]) -> int:
     import torch
-    from contextlib import nullcontext
 
     from lyra_pl.data.datamodule import LyraDataModule, resolve_path
     from lyra_pl.data.decode import load_tokenizer
     from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
                                      results, write_outputs)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype, context = inference_setup(args.device, args.dtype)
     module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, 32)
     module.configure_model()
     module.to(device=device, dtype=dtype).eval()
-    # Inputs (features, pixels) arrive in float32: autocast runs them in the weights' dtype.
-    context = (lambda: torch.autocast(device.type, dtype)) if dtype != torch.float32 else nullcontext
     info.update(device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
                            else device), dtype=str(dtype).removeprefix("torch."))
     tokenizer = resolve_path(args.tokenizer)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -243,23 +242,19 @@ def _needles(path: Path, limit: int | None) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
-
     from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
-    from lyra_pl.eval.cli import build_module
+    from lyra_pl.eval.cli import build_module, inference_setup
     from lyra_pl.eval.runner import log_to
 
     t0 = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device, dtype, context = inference_setup(args.device, args.dtype)
     overrides = ({"lmme_blocks": int(args.lmme[0]), "lmme_keep_ratio": float(args.lmme[1])}
                  if args.lmme else {})
     module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, args.max_new_tokens,
                                 overrides)
     module.configure_model()
     model = module.model.to(device=device, dtype=dtype).eval()
-    context = (lambda: torch.autocast(device.type, dtype)) if dtype != torch.float32 else nullcontext
     cfg = model.config
     lmme = f"LMME({cfg.lmme_blocks}, {cfg.lmme_keep_ratio})" if cfg.lmme_blocks else "no LMME"
     tokenizer = resolve_path(args.tokenizer)
@@ -294,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
     acc = np.zeros((len(args.lengths), len(args.depths)))
     for i, length in enumerate(args.lengths):
         for j, depth in enumerate(args.depths):
-            hits = [a["correct"] for a in answers if a["length_s"] == length and a["depth"] == depth]
+            hits = [a["correct"] for a in answers
+                    if a["length_s"] == length and a["depth"] == depth]
             acc[i, j] = sum(hits) / len(hits)
 
     # The kept-token map of one recording: the longest haystack, the middle depth.

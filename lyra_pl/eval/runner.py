@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
-from lyra_pl.eval.tasks import SPEECH, TEXT, Row, Scores, Task, get_task
+from lyra_pl.eval.tasks import SPEECH, TEXT, Row, Task, get_task
 
 SOURCE = "samples.json"
 _GROUP_KEYS = {TEXT: "text_instruction", SPEECH: "speech_instruction",

@@ -7,7 +7,7 @@ decoder and ViT, Whisper encoder) are derived here and nowhere else.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import Qwen2VLConfig, WhisperConfig

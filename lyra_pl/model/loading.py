@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 PARTS = ("speech_projector", "sound_projector", "speech_generator")
 

@@ -117,8 +117,9 @@ def sound_caption_set(joint_val: list[Sample]) -> list[Sample]:
         seen.add(s["sound"])
         caption = s["conversations"][-1]["value"]
         samples.append({"id": f"sound_{len(samples):02d}", "sound": f"../{s['sound']}",
-                        "conversations": [{"from": "human", "value": f"<sound>\n{SOUND_QUESTIONS[0]}"},
-                                          {"from": "gpt", "value": caption}],
+                        "conversations": [
+                            {"from": "human", "value": f"<sound>\n{SOUND_QUESTIONS[0]}"},
+                            {"from": "gpt", "value": caption}],
                         "references": [caption]})
     return samples
 
