@@ -55,6 +55,12 @@ def test_bench_train_tiny_cpu(tmp_path):
         assert step > 0 and float(r["tokens_per_s"]) == pytest.approx(256 / step, rel=1e-6)
         assert mfu == pytest.approx(float(r["tflops_per_step"]) / step, rel=1e-6)
     assert json.loads(next(tmp_path.glob("train_*.json")).read_text())["strategy"] == "fsdp"
+    # nothing of the one-process FSDP run outlives it (its port would block later launches)
+    import os
+
+    import torch.distributed as dist
+
+    assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
 
 
 def test_train_flops_count_by_hand():

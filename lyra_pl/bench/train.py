@@ -24,6 +24,7 @@ import csv
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -148,7 +149,16 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
                         enable_model_summary=False, num_sanity_val_steps=0,
                         callbacks=[timer], default_root_dir=str(args.out))
     loader = torch.utils.data.DataLoader([batch] * (args.warmup + args.steps), batch_size=None)
-    trainer.fit(stage, train_dataloaders=loader)
+    environ = dict(os.environ)
+    try:
+        trainer.fit(stage, train_dataloaders=loader)
+    finally:
+        # The FSDP strategy's process group and the MASTER_* variables Lightning exported would
+        # otherwise outlive the run (a later launch in this process tree finds the port taken).
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
     step_s = statistics.median(timer.times)
     model = stage.model
     on_device = stage.transfer_batch_to_device(batch, stage.device, 0)
@@ -286,7 +296,7 @@ def main(args: argparse.Namespace) -> int:
             "lora_rank": args.lora_rank, "activation_checkpointing": args.activation_checkpointing,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "peak_tflops": peak_tflops(device, args.peak_tflops), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_cores": __import__("os").cpu_count(),
+            "python": platform.python_version(), "cpu_cores": os.cpu_count(),
             "rows": [asdict(r) for r in rows]}
     stem.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"\nwrote {stem}.csv, {stem}.json")
