@@ -220,3 +220,37 @@ def test_fsdp2_ranks_with_different_modalities(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     a, b = (float((tmp_path / f"mixed{r}.txt").read_text()) for r in (0, 1))
     assert a == pytest.approx(b, rel=1e-6)
+
+
+_SYNCED = textwrap.dedent("""
+    import sys, torch, lightning as L
+    sys.path.insert(0, TESTS)
+    from test_distributed import STAGE, samples, batch_of
+    from lyra_pl.training.parallelize import FSDP2Strategy, unsharded_root
+    from lyra_pl.training.stages import JointSFTStage
+    L.seed_everything(0)
+    data = torch.utils.data.DataLoader(samples(), batch_size=1, collate_fn=batch_of)
+    stage = JointSFTStage(**STAGE)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy=FSDP2Strategy(),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False)
+    trainer.fit(stage, data)
+    rank = trainer.global_rank
+    # rank 0 stops at its first token (every id is an eos), rank 1 never stops early
+    eos = list(range(stage.config.vocab_size)) if rank == 0 else []
+    inputs = batch_of([samples()[rank]])
+    with torch.no_grad(), unsharded_root(stage.model) as model:
+        out = model.generate(inputs, max_new_tokens=6, eos_token_ids=eos, synced=True)
+    open(f"synced{rank}.txt", "w").write(str(len(out.tokens[0])))
+""")
+
+
+def test_sharded_generation_keeps_ranks_in_step(tmp_path):
+    """Under FSDP2 a rank whose samples finish early keeps decoding (and so joining the layers'
+    all-gathers) until every rank is done: without ``synced`` this run would hang."""
+    script = tmp_path / "synced.py"
+    script.write_text(f"TESTS = {str(Path(__file__).resolve().parent)!r}\n" + _SYNCED)
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert [int((tmp_path / f"synced{r}.txt").read_text()) for r in (0, 1)] == [1, 6]

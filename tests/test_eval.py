@@ -50,6 +50,7 @@ def test_librispeech_tree_and_manifest(tmp_path):
         asr_samples(manifest)
     manifest.write_text(json.dumps({"audio_filepath": "a/x.wav", "text": "hi"}) + "\n")
     assert asr_samples(manifest)[0]["speech"] == "a/x.wav"
+    assert asr_samples(manifest)[0]["id"] == "a_x"  # the path, not just the stem
 
 
 def _empty_dir(tmp_path: Path) -> Path:
@@ -74,6 +75,12 @@ def test_spoken_twins():
     assert si["speech_asr"] == "What color is it?"
     assert si["answers"] == ["red"] and si["conversations"][1] == typed["conversations"][1]
     assert only["id"] == "q2_ti"
+    # placeholders after the text stay, in front of the spoken instruction
+    late = {**typed, "conversations": [{"from": "human", "value": "What is written?\n<image>"},
+                                       {"from": "gpt", "value": "red"}]}
+    twin = with_spoken_twins([late])[1]
+    assert twin["conversations"][0]["value"] == "<image>\n<speech>"
+    assert twin["speech_asr"] == "What is written?"
     with pytest.raises(ValueError, match="its own speech"):
         with_spoken_twins([{**typed, "speech": "other.wav"}])
     with pytest.raises(ValueError, match="no typed instruction"):
@@ -136,6 +143,13 @@ def test_prepare_data_converts_once(tmp_path):
     assert report["converted"] == 6  # other samples: converted again
     # a shard directory is used as it is
     assert prepare_data(task, str(shards), tmp_path / "other")[0] == shards
+    # the same samples with their media elsewhere: converted again
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "docvqa.json").write_text((ROOT / task.data).read_text())
+    with pytest.raises(ValueError, match="no sample of .* could be converted .*file not found"):
+        prepare_data(task, str(moved / "docvqa.json"), tmp_path / "cache", progress=False,
+                     limit=6)
     with pytest.raises(FileNotFoundError, match="docvqa: data .* does not exist"):
         prepare_data(task, str(tmp_path / "missing.json"), tmp_path / "c2")
 
@@ -160,7 +174,7 @@ def test_eval_task_at_validation_end(tmp_path):
     metrics = trainer.callback_metrics
     assert metrics["eval/docvqa/all/n"] == 4  # one batch of the limited run
     assert 0.0 <= float(metrics["eval/docvqa/all/exact_match"]) <= 1.0
-    written = json.loads((tmp_path / "eval" / "docvqa" / "epoch0.json").read_text())
+    written = json.loads((tmp_path / "eval" / "docvqa" / "step2.json").read_text())
     assert written["task"] == "docvqa" and written["scores"]["all"]["n"] == 4
 
 

@@ -29,6 +29,10 @@ def test_vqa_soft_accuracy_by_hand():
     three = ["cat"] * 3 + ["dog"] * 7
     assert vqa_accuracy("a cat", three) == pytest.approx((7 * 1.0 + 3 * 2 / 3) / 10)
     assert vqa_accuracy("x", ["x"]) == 1.0
+    # fewer than 4 answers: threshold n - 1, so unanimity scores 1 (each pair/triple subset)
+    assert vqa_accuracy("x", ["x", "x"]) == 1.0
+    assert vqa_accuracy("x", ["x", "x", "x"]) == 1.0
+    assert vqa_accuracy("x", ["x", "y", "y"]) == pytest.approx((0 + 1 / 2 + 1 / 2) / 3)
     with pytest.raises(ValueError, match="at least one"):
         vqa_accuracy("x", [])
 

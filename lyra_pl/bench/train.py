@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import json
 import math
 import os
@@ -38,7 +39,9 @@ import torch
 SETTINGS = {"baseline": None, "LMME(4,0.8)": (4, 0.8), "LMME(4,0.7)": (4, 0.7)}
 SYSTEM_TOKENS, INSTRUCTION_TOKENS, ANSWER_TOKENS = 16, 64, 32
 SPEECH_TOKENS_PER_S, TRANSCRIPT_TOKENS_PER_S = 10, 2.5
-PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0}
+# Peak dense bf16 TFLOP/s by device-name substring, first match wins (NVIDIA data sheets).
+PEAK_TFLOPS = {"H200 NVL": 835.0, "H200": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
+               "H100": 989.4, "A100": 312.0}
 
 
 @dataclass
@@ -280,6 +283,10 @@ def main(args: argparse.Namespace) -> int:
         except torch.cuda.OutOfMemoryError:
             rows.append(Row(name, args.seq, args.batch_size, math.nan, math.nan, math.nan,
                             math.nan, math.nan, "", "OOM"))
+        # The Trainer and the module reference each other: only the collector frees a
+        # setting's model, optimizer and activations before the next one is measured.
+        gc.collect()
+        if cuda:
             torch.cuda.empty_cache()
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()

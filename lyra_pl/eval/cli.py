@@ -113,10 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, names: list[str]) -> int:
     import torch
 
-    from lyra_pl.data.datamodule import LyraDataModule, resolve_path
+    from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
-    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
-                                     results, write_outputs)
 
     device, dtype, context = inference_setup(args.device, args.dtype)
     module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, 32)
@@ -134,6 +132,25 @@ def run(args: argparse.Namespace, names: list[str]) -> int:
                                         run_name=f"eval {args.ckpt.parent.name}"))
         loggers[0].log_hyperparams({**info, "tasks": ",".join(names),
                                     "data": args.data or "tiny corpus", "limit": args.limit})
+    try:
+        _run_tasks(args, names, module, info, tok, tokenizer, context, loggers)
+    except BaseException:
+        for lg in loggers:
+            lg.finalize("failed")
+        raise
+    for lg in loggers:
+        lg.finalize("success")
+    print(f"\nwrote {args.out / 'summary.json'} and {args.out}/<task>/"
+          "{results.json,predictions.jsonl}")
+    return 0
+
+
+def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers) -> list[dict]:
+    """Each task: shards, answers, scores, files and metrics; then the summary."""
+    from lyra_pl.data.datamodule import LyraDataModule, resolve_path
+    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
+                                     results, write_outputs)
+
     records = []
     for name in names:
         task = TASKS[name]
@@ -168,7 +185,4 @@ def run(args: argparse.Namespace, names: list[str]) -> int:
     summary.write_text(json.dumps(records, indent=1) + "\n")
     (args.out / "summary.txt").write_text(table + "\n")
     log_to(loggers, {}, [summary, args.out / "summary.txt"])
-    for lg in loggers:
-        lg.finalize("success")
-    print(f"\nwrote {summary} and {args.out}/<task>/{{results.json,predictions.jsonl}}")
-    return 0
+    return records

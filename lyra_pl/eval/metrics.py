@@ -1,8 +1,9 @@
 """Metrics of the speech-centric evaluation, each on plain strings.
 
 - :func:`wer`: word error rate after Whisper's English text normalization (transformers'
-  ``EnglishTextNormalizer``, which is what Whisper-style WER numbers use), computed by
-  torchmetrics.
+  ``EnglishTextNormalizer``: case, punctuation, numbers, fillers, contractions), computed by
+  torchmetrics. Whisper's British-to-American spelling map (``normalizer.json``, shipped with
+  its tokenizer) is not applied: "colour" vs "color" counts as an error here.
 - :func:`vqa_accuracy`: the VQA / TextVQA soft accuracy: an answer scores
   ``min(1, matches / 3)`` against each set of 9 of the 10 human answers, averaged over the 10
   sets, after the official answer normalization (punctuation, number words, articles,
@@ -14,6 +15,7 @@
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -40,8 +42,10 @@ def normalize_answer(text: str) -> str:
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Soft accuracy of one prediction against the human answers (10 in VQA/TextVQA; any
-    number >= 1 works: with n answers, the average over the n leave-one-out subsets)."""
+    """Soft accuracy of one prediction against the human answers: with the 10 answers of
+    VQA/TextVQA, the official average over the 10 leave-one-out subsets of
+    ``min(1, matches / 3)``. Other counts: one answer is exact match; with n < 4 answers the
+    threshold is n - 1 instead of 3, so that a unanimous correct answer still scores 1."""
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer")
     pred = normalize_answer(prediction)
@@ -51,7 +55,7 @@ def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     scores = []
     for i in range(len(gold)):
         others = gold[:i] + gold[i + 1:]
-        scores.append(min(1.0, sum(a == pred for a in others) / 3.0))
+        scores.append(min(1.0, sum(a == pred for a in others) / min(3, len(others))))
     return sum(scores) / len(scores)
 
 
@@ -63,11 +67,16 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(a) for a in answers))
 
 
-def whisper_normalize(text: str) -> str:
-    """Whisper's English text normalization (numbers, spellings, punctuation, fillers)."""
+@functools.lru_cache(maxsize=1)
+def _normalizer():
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    return EnglishTextNormalizer({})(text)
+    return EnglishTextNormalizer({})
+
+
+def whisper_normalize(text: str) -> str:
+    """Whisper's English text normalization (numbers, punctuation, fillers; no spelling map)."""
+    return _normalizer()(text)
 
 
 def wer(predictions: Sequence[str], references: Sequence[str]) -> float:

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--depths must lie in [0, 1], got {args.depths}")
     if any(s <= 0 for s in args.lengths):
         parser.error(f"--lengths must be positive, got {args.lengths}")
+    if args.num_needles is not None and args.num_needles < 1:
+        parser.error(f"--num-needles must be >= 1, got {args.num_needles}")
     return run(args)
 
 
@@ -238,6 +240,8 @@ def _needles(path: Path, limit: int | None) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"{path}: needle {i} lacks {missing}")
         e["clip"] = load_clip(path.parent / e["audio"])
+    if not entries:
+        raise ValueError(f"{path}: no needles")
     return entries[:limit]
 
 
@@ -264,11 +268,8 @@ def run(args: argparse.Namespace) -> int:
     prompter = Prompter(tokenizer, dict(cfg.placeholder_ids))
 
     cells = [(length, depth) for length in args.lengths for depth in args.depths]
-    jobs = []  # (cell index, needle, audio)
-    for c, (length, depth) in enumerate(cells):
-        hay = haystack(clips, length)
-        for needle in needles:
-            jobs.append((c, needle, insert(hay, needle["clip"], depth)[0]))
+    hays = {length: haystack(clips, length) for length in args.lengths}
+    jobs = [(c, needle) for c in range(len(cells)) for needle in needles]
     print(f"{len(cells)} cells x {len(needles)} needles = {len(jobs)} recordings; model "
           f"{info['preset']} with {lmme}", flush=True)
     from tqdm import tqdm
@@ -276,11 +277,12 @@ def run(args: argparse.Namespace) -> int:
     answers: list[dict[str, Any]] = []
     with torch.no_grad():
         for start in tqdm(range(0, len(jobs), args.batch_size), desc="needle", unit="batch"):
-            chunk = jobs[start:start + args.batch_size]
-            inputs = prompter.batch([(a, n["question"], n["answer"]) for _, n, a in chunk])
+            chunk = jobs[start:start + args.batch_size]  # recordings built per batch
+            inputs = prompter.batch([(insert(hays[cells[c][0]], n["clip"], cells[c][1])[0],
+                                      n["question"], n["answer"]) for c, n in chunk])
             with context():
                 out = model.generate(inputs.to(device), max_new_tokens=args.max_new_tokens)
-            for (c, needle, audio), ids in zip(chunk, out.tokens):
+            for (c, needle), ids in zip(chunk, out.tokens):
                 text = tok.decode(ids, skip_special_tokens=True).strip()
                 answers.append({"length_s": cells[c][0], "depth": cells[c][1],
                                 "needle": needle.get("text", needle["answer"]),

@@ -48,13 +48,21 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     source, shards = cache / SOURCE, cache / "shards"
-    text = json.dumps(samples, indent=0)
-    if not source.is_file() or source.read_text() != text:  # other ranks find it written
-        source.write_text(text)
+    media_root = (src if src.is_dir() else src.parent).resolve()
+    # The media root is part of the key: the same JSON elsewhere points at other media.
+    text = json.dumps(samples, indent=0) + f"\n// media root: {media_root}"
+    key = cache / "samples.key"
+    if not key.is_file() or key.read_text() != text:  # other ranks find it written
+        source.write_text(json.dumps(samples, indent=0))
+        key.write_text(text)
+        (shards / MANIFEST).unlink(missing_ok=True)
     if (shards / MANIFEST).is_file() and manifest_source_sha256(shards) == file_sha256(source):
         return shards, json.loads((shards / REPORT).read_text())
-    report = convert(source, shards, media_root=src if src.is_dir() else src.parent,
-                     progress=progress, overwrite=True)
+    report = convert(source, shards, media_root=media_root, progress=progress, overwrite=True)
+    if not report.converted:
+        first = (report.skipped + report.failed)[0]
+        raise ValueError(f"{task.name}: no sample of {src} could be converted (e.g. "
+                         f"{first['id']}: {first['reason']}); see {shards / REPORT}")
     rank_zero_info(f"{task.name}: {report.summary()}")
     return shards, report.to_dict()
 
@@ -157,7 +165,7 @@ class EvalTask(L.Callback):
     """An eval task at the end of validation during ``fit``: greedy answers to the task's
     data, scored and logged as ``eval/<task>/<group>/<metric>`` (e.g.
     ``eval/textvqa/speech_instruction/vqa_accuracy``), and written to
-    ``<default_root_dir>/eval/<task>/epoch<N>.json``.
+    ``<default_root_dir>/eval/<task>/step<global step>.json``.
 
     Every rank answers the whole set (generation under FSDP2 needs every rank in step), so
     the scores are the same everywhere and need no reduction.
@@ -166,7 +174,8 @@ class EvalTask(L.Callback):
         task: a name from :data:`lyra_pl.eval.tasks.TASKS`.
         data: its data (default: the task's tiny-corpus set).
         tokenizer: default: the data module's.
-        every_n_epochs: run after every n-th validation epoch.
+        every_n_epochs: run after every n-th validation run (an epoch's end, or each
+            ``val_check_interval``).
         batch_size, max_new_tokens: generation batches and answer length (default: the task's).
         limit_batches: only the first batches (a quick signal on a big set).
     """
@@ -184,6 +193,7 @@ class EvalTask(L.Callback):
         self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
         self.limit_batches = limit_batches
         self._shards: Path | None = None
+        self._validations = 0
 
     def _loader(self, trainer, pl_module):
         from lyra_pl.data.datamodule import LyraDataModule
@@ -204,7 +214,10 @@ class EvalTask(L.Callback):
         return dm.predict_dataloader(), tokenizer
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_epochs:
             return
         from lyra_pl.data.datamodule import resolve_path
         from lyra_pl.data.decode import load_tokenizer
@@ -213,6 +226,10 @@ class EvalTask(L.Callback):
         tok = load_tokenizer(resolve_path(tokenizer))
         rows, _ = answer(pl_module, loader, tok, self.max_new_tokens, self.limit_batches,
                          trainer.precision_plugin.forward_context)
+        if not rows:
+            rank_zero_info(f"EvalTask({self.task.name}): no sample could be answered; "
+                           "nothing logged")
+            return
         result = results(self.task, rows, epoch=trainer.current_epoch,
                          step=trainer.global_step)
         metrics = metric_dict(result)
@@ -220,5 +237,5 @@ class EvalTask(L.Callback):
         if trainer.is_global_zero:
             out = Path(trainer.default_root_dir) / "eval" / self.task.name
             out.mkdir(parents=True, exist_ok=True)
-            (out / f"epoch{trainer.current_epoch}.json").write_text(json.dumps(result, indent=1))
+            (out / f"step{trainer.global_step}.json").write_text(json.dumps(result, indent=1))
             rank_zero_info(format_results([result]))

@@ -29,7 +29,7 @@ Scores = dict[str, dict[str, float]]  # group -> metric -> value (every group ha
 
 ASR_PROMPT = "Transcribe the speech."
 TEXT, SPEECH = "T+I", "S+I"
-_LEADING_MEDIA = re.compile(r"^(?:\s*<(?:image|video)>\s*)*")
+_MEDIA = re.compile(r"<(?:image|video|sound)>")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -72,8 +72,8 @@ def asr_samples(path: Path, prompt: str = ASR_PROMPT) -> list[Sample]:
                 continue
             try:
                 entry = json.loads(line)
-                samples.append(_asr_sample(Path(entry["audio_filepath"]).stem,
-                                           entry["audio_filepath"], entry["text"], prompt))
+                key = str(Path(entry["audio_filepath"]).with_suffix("")).replace("/", "_")
+                samples.append(_asr_sample(key, entry["audio_filepath"], entry["text"], prompt))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: a manifest line needs JSON with audio_filepath "
                                  f"and text ({type(e).__name__}: {e})") from None
@@ -90,8 +90,8 @@ def _asr_sample(key: str, audio: str, text: str, prompt: str) -> Sample:
 def with_spoken_twins(samples: list[Sample]) -> list[Sample]:
     """Each sample as its T+I variant (typed instruction, as given) and, when it has a
     ``speech_instruction`` (the instruction spoken), its S+I twin: the media placeholders of
-    the first human turn followed by ``<speech>`` instead of the typed text, which becomes
-    ``speech_asr``. Both carry ``variant`` and ``pair`` (the original id)."""
+    the first human turn (wherever they were) followed by ``<speech>`` instead of the typed
+    text, which becomes ``speech_asr``. Both carry ``variant`` and ``pair`` (the original id)."""
     out = []
     for s in samples:
         base = {k: v for k, v in s.items() if k != "speech_instruction"}
@@ -105,12 +105,12 @@ def with_spoken_twins(samples: list[Sample]) -> list[Sample]:
                              "S+I twin needs the speech slot for the instruction")
         turns = s["conversations"]
         first = turns[0]["value"]
-        prefix = _LEADING_MEDIA.match(first).group(0)
-        question = first[len(prefix):].strip()
+        media = _MEDIA.findall(first)  # kept, in order, wherever the typed text put them
+        question = " ".join(_MEDIA.sub(" ", first).split())
         if not question:
             raise ValueError(f"sample {sid}: speech_instruction given but the first human turn "
                              "has no typed instruction to replace")
-        convo = [{**turns[0], "value": prefix + "<speech>"}, *turns[1:]]
+        convo = [{**turns[0], "value": "\n".join([*media, "<speech>"])}, *turns[1:]]
         out.append({**base, "id": f"{sid}_si", "variant": SPEECH, "pair": sid,
                     "speech": spoken, "speech_asr": question, "conversations": convo})
     return out

@@ -58,6 +58,17 @@ def _ends_with(seq: Tensor, stops: Sequence[Sequence[int]]) -> Tensor:
     return hit
 
 
+def _all_done(done: Tensor, synced: bool) -> bool:
+    """Whether every sample has finished; with ``synced``, on every rank of the default process
+    group (a sharded model must run the same number of decoding steps everywhere, or its
+    parameter all-gathers would wait forever)."""
+    if not synced or not torch.distributed.is_initialized():
+        return bool(done.all())
+    flag = done.all().to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def generate(
     model: Any,
     inputs: LyraInputs,
@@ -72,6 +83,7 @@ def generate(
     tokenizer: Any = None,
     generator: torch.Generator | None = None,
     speech: bool = False,
+    synced: bool = False,
     on_step: Callable[[list[int | None], list[list[int]] | None], None] | None = None,
 ) -> GenerationOutput:
     """Generates up to ``max_new_tokens`` per sample, greedy or sampled.
@@ -80,7 +92,8 @@ def generate(
     sequences, or at one of ``stop_strings`` (needs ``tokenizer``; transformers'
     ``StopStringCriteria`` handles strings that span tokens). ``speech=True`` streams units from
     the speech generator as tokens are produced; ``on_step(new_tokens, new_units)`` is called
-    after each step (None for finished samples).
+    after each step (None for finished samples). ``synced=True`` (a sharded model) keeps every
+    rank decoding until the samples of all ranks have finished.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -125,7 +138,8 @@ def generate(
             finished |= string_stop(out, logits)
         done = done | (finished & active)
         new_units = None
-        if stream is not None or (step + 1 < max_new_tokens and not bool(done.all())):
+        all_done = _all_done(done, synced)
+        if stream is not None or (step + 1 < max_new_tokens and not all_done):
             # Feed the token: its hidden state gives the next logits and its speech units.
             hidden = decode_step(
                 model.llm, model.llm.embed_tokens(token)[:, None],
@@ -137,7 +151,7 @@ def generate(
                 new_units = stream.step(hidden, active=active)
         if on_step is not None:
             on_step([t if a else None for t, a in zip(token.tolist(), active.tolist())], new_units)
-        if bool(done.all()):
+        if all_done:
             break
 
     tokens = [row[:n] for row, n in zip(out.tolist(), count.tolist())]

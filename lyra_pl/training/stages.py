@@ -335,7 +335,8 @@ class LyraStage(L.LightningModule):
         (:class:`~lyra_pl.eval.runner.EvalTask`)."""
         inputs = split_batch(batch)[0]
         with unsharded_root(self._require_model()) as model:
-            out = model.generate(inputs, max_new_tokens=self.max_new_tokens)
+            out = model.generate(inputs, max_new_tokens=self.max_new_tokens,
+                                 synced=self.device_mesh is not None)
         extra = {k: batch[k] for k in ("keys", "answers", "choices", "extras")
                  if isinstance(batch, dict) and k in batch}
         counts = inputs.media_counts  # (B, 4): image, video, speech, sound items per sample
