@@ -1,47 +1,32 @@
 """The `lyra-pl` command. Subcommands are added by the parts of the library that own them."""
 from __future__ import annotations
 
+import importlib
 import sys
+
+
+# Leading words -> (module, function, whether the function gets those words too). Modules
+# are imported only when their subcommand runs: `lyra-pl info` must not pay for Lightning.
+COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
+    ("bench",): ("lyra_pl.bench.__main__", "main", False),
+    ("info",): ("lyra_pl.model.info", "main", False),
+    ("plan",): ("lyra_pl.training.plan", "main", False),
+    **{(verb,): ("lyra_pl.training.cli", "main", True)
+       for verb in ("fit", "validate", "predict", "test")},
+    ("eval",): ("lyra_pl.eval.cli", "main", False),
+    ("needle",): ("lyra_pl.eval.needle", "main", False),
+    ("pipeline",): ("lyra_pl.training.cli", "pipeline", False),
+    ("data", "convert"): ("lyra_pl.data.convert", "main", False),
+    ("corpus",): ("lyra_pl.data.corpus.build", "main", False),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        from lyra_pl.bench.__main__ import main as bench_main
-
-        return bench_main(argv[1:])
-    if argv[:1] == ["info"]:
-        from lyra_pl.model.info import main as info_main
-
-        return info_main(argv[1:])
-    if argv[:1] == ["plan"]:
-        from lyra_pl.training.plan import main as plan_main
-
-        return plan_main(argv[1:])
-    if argv[:1] in (["fit"], ["validate"], ["predict"], ["test"]):
-        from lyra_pl.training.cli import main as cli_main
-
-        return cli_main(argv)
-    if argv[:1] == ["eval"]:
-        from lyra_pl.eval.cli import main as eval_main
-
-        return eval_main(argv[1:])
-    if argv[:1] == ["needle"]:
-        from lyra_pl.eval.needle import main as needle_main
-
-        return needle_main(argv[1:])
-    if argv[:1] == ["pipeline"]:
-        from lyra_pl.training.cli import pipeline
-
-        return pipeline(argv[1:])
-    if argv[:2] == ["data", "convert"]:
-        from lyra_pl.data.convert import main as convert_main
-
-        return convert_main(argv[2:])
-    if argv[:1] == ["corpus"]:
-        from lyra_pl.data.corpus.build import main as corpus_main
-
-        return corpus_main(argv[1:])
+    for words, (module, function, keep) in COMMANDS.items():
+        if tuple(argv[:len(words)]) == words:
+            run = getattr(importlib.import_module(module), function)
+            return run(argv if keep else argv[len(words):])
     print(
         "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,data,corpus,bench,info,plan} "
         "[options]\n\n"
