@@ -8,26 +8,22 @@ Methodology and measured numbers: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import csv
 import ctypes
 import datetime
 import gc
 import importlib
-import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from lyra_pl.bench import peers
+from lyra_pl.bench import peers, report
 
 GAMMA = 0.1  # official LCMR gamma
 KEEP_RATIO, MIN_KEEP = 0.7, 32  # LMME(4, 0.7)
@@ -301,44 +297,14 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(asdict(r) for r in rows)
-
-
 def machine_info(devices: list[torch.device], args: argparse.Namespace) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    has_cuda = any(d.type == "cuda" for d in devices)
     return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "argv": sys.argv,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                 if not callable(v)},
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "load_average_at_start": _load_average(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name() if has_cuda else None,
+        **report.machine_info(devices, args),
         "peers": peers.versions(),
         "settings": {"gamma": GAMMA, "keep_ratio": KEEP_RATIO, "min_keep": MIN_KEEP, "Hq": HQ,
                      "Hkv": HKV, "dh": DH, "instruction_tokens": INSTRUCTION_TOKENS,
                      "system_tokens": SYSTEM_TOKENS, "causal": True},
     }
-
-
-def _load_average() -> list[float] | None:
-    """1, 5 and 15 minute load averages: other work on the machine skews the timings."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def write_plot(rows: list[Row], path: Path) -> str | None:
@@ -427,9 +393,7 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     today, device_names = datetime.date.today().isoformat(), "+".join(d.type for d in devices)
     stem = args.out / f"kernels_{today}_{device_names}"
-    info["load_average_at_end"] = _load_average()
-    write_csv(rows, stem.with_suffix(".csv"))
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    report.write_results(stem, rows, info)
     print(f"\nwrote {stem}.csv, {stem}.json", end="")
     skipped = write_plot(rows, stem.with_suffix(".png"))
     print(f", {stem}.png" if skipped is None else f"\nplot skipped: {skipped}")

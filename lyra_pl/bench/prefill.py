@@ -13,17 +13,16 @@ minute; the numbers that count come from a GPU.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
-import json
 import math
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from lyra_pl.bench.report import machine_info, write_results
 
 SYSTEM_TOKENS, INSTRUCTION_TOKENS = 16, 64
 SETTINGS = {"baseline": None, "LMME(4,0.8)": (4, 0.8), "LMME(4,0.7)": (4, 0.7)}
@@ -210,23 +209,16 @@ def main(args: argparse.Namespace) -> int:
             print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"prefill_{preset}_{datetime.date.today().isoformat()}_{device.type}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
+    info = {**machine_info([device], args),
             "preset": preset, "device": str(device), "dtype": str(dtype),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "cpu_cores": __import__("os").cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "decode_tokens": args.decode_tokens,
+            "decode_tokens": args.decode_tokens,
             "prompt": {"system": SYSTEM_TOKENS, "instruction": INSTRUCTION_TOKENS,
                        "context": "the rest (speech)"},
             "repeats": args.repeats,
             "memory": "CUDA: peak allocated by torch in the prefill and decode of the case "
                       "(weights included); CPU: peak resident set growth during one prefill"}
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    write_results(stem, rows, info)
     skipped = write_plot(rows, stem.with_suffix(".png"))
     print(f"\nwrote {stem}.csv, {stem}.json" + (f", {stem}.png" if skipped is None
                                                   else f" (plot skipped: {skipped})"))

@@ -20,13 +20,10 @@ H100 PCIe 756, A100 312, or ``--peak-tflops``). On CPU there is no MFU unless a 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import gc
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +32,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from lyra_pl.bench.report import machine_info, write_results
 
 SETTINGS = {"baseline": None, "LMME(4,0.8)": (4, 0.8), "LMME(4,0.7)": (4, 0.7)}
 SYSTEM_TOKENS, INSTRUCTION_TOKENS, ANSWER_TOKENS = 16, 64, 32
@@ -275,7 +274,6 @@ def main(args: argparse.Namespace) -> int:
     args.preset = args.preset or ("mini" if cuda else "tiny")
     args.seq = args.seq or (4096 if cuda else 512)
     args.strategy = args.strategy or ("fsdp" if cuda else "single")
-    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     for name in args.settings:
         try:
@@ -293,18 +291,12 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(rows))
     stem = args.out / (f"train_{args.preset}_seq{args.seq}_{datetime.date.today().isoformat()}_"
                        f"{device.type}")
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "argv": sys.argv,
+    info = {**machine_info([device], args),
             "preset": args.preset, "seq": args.seq, "batch_size": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "strategy": args.strategy,
             "lora_rank": args.lora_rank, "activation_checkpointing": args.activation_checkpointing,
-            "device": str(device), "gpu": torch.cuda.get_device_name(device) if cuda else None,
-            "peak_tflops": peak_tflops(device, args.peak_tflops), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu_cores": os.cpu_count(),
+            "device": str(device), "peak_tflops": peak_tflops(device, args.peak_tflops),
             "rows": [asdict(r) for r in rows]}
-    stem.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    write_results(stem, rows, info)
     print(f"\nwrote {stem}.csv, {stem}.json")
     return 0
