@@ -55,17 +55,24 @@ def build_module(ckpt: Path, qwen2vl: str | None, whisper: str | None, max_new_t
                     "whisper": str(Path(whisper).resolve()), "preset": config["preset"]}
 
 
-def inference_setup(device: str | None, dtype: str | None):
-    """(device, dtype, autocast context factory): CUDA and bfloat16 when available, else CPU
-    and float32. Inputs (features, pixels) arrive in float32; autocast runs them in the
-    weights' dtype."""
+def load_for_inference(args: argparse.Namespace, max_new_tokens: int,
+                       overrides: dict | None = None):
+    """The export of ``args.ckpt`` (see :func:`build_module`) built, on ``args.device`` in
+    ``args.dtype`` (default: CUDA and bfloat16 when available, else CPU and float32), in eval
+    mode. Returns (module, info, autocast context factory): inputs (features, pixels) arrive
+    in float32, and autocast runs them in the weights' dtype."""
     import torch
     from contextlib import nullcontext
 
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dt = getattr(torch, dtype or ("bfloat16" if dev.type == "cuda" else "float32"))
-    context = (lambda: torch.autocast(dev.type, dt)) if dt != torch.float32 else nullcontext
-    return dev, dt, context
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    context = (lambda: torch.autocast(device.type, dtype)) if dtype != torch.float32 else nullcontext
+    module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, max_new_tokens, overrides)
+    module.configure_model()
+    module.to(device=device, dtype=dtype).eval()
+    info.update(device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
+                           else device), dtype=str(dtype).removeprefix("torch."))
+    return module, info, context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -111,17 +118,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, names: list[str]) -> int:
-    import torch
-
     from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
 
-    device, dtype, context = inference_setup(args.device, args.dtype)
-    module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, 32)
-    module.configure_model()
-    module.to(device=device, dtype=dtype).eval()
-    info.update(device=str(torch.cuda.get_device_name(device) if device.type == "cuda"
-                           else device), dtype=str(dtype).removeprefix("torch."))
+    module, info, context = load_for_inference(args, 32)
     tokenizer = resolve_path(args.tokenizer)
     tok = load_tokenizer(tokenizer)
     loggers = []

@@ -248,17 +248,14 @@ def _needles(path: Path, limit: int | None) -> list[dict[str, Any]]:
 def run(args: argparse.Namespace) -> int:
     from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
-    from lyra_pl.eval.cli import build_module, inference_setup
+    from lyra_pl.eval.cli import load_for_inference
     from lyra_pl.eval.runner import log_to
 
     t0 = time.perf_counter()
-    device, dtype, context = inference_setup(args.device, args.dtype)
     overrides = ({"lmme_blocks": int(args.lmme[0]), "lmme_keep_ratio": float(args.lmme[1])}
                  if args.lmme else {})
-    module, info = build_module(args.ckpt, args.qwen2vl, args.whisper, args.max_new_tokens,
-                                overrides)
-    module.configure_model()
-    model = module.model.to(device=device, dtype=dtype).eval()
+    module, info, context = load_for_inference(args, args.max_new_tokens, overrides)
+    model, device = module.model, module.device
     cfg = model.config
     lmme = f"LMME({cfg.lmme_blocks}, {cfg.lmme_keep_ratio})" if cfg.lmme_blocks else "no LMME"
     tokenizer = resolve_path(args.tokenizer)
