@@ -11,6 +11,7 @@ table, a JSON file and logger metrics.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from contextlib import nullcontext
@@ -39,7 +40,7 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
     first samples (after any S+I twins are added)."""
     from lyra_pl.data.convert import REPORT, convert
     from lyra_pl.data.datamodule import resolve_path
-    from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256
+    from lyra_pl.data.shards import MANIFEST
 
     src = resolve_path(data or task.data)
     if (src / MANIFEST).is_file():
@@ -47,22 +48,21 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
     samples = task.samples(src)[:limit]
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
-    source, shards = cache / SOURCE, cache / "shards"
+    source, shards, stamp = cache / SOURCE, cache / "shards", cache / "samples.sha256"
     media_root = (src if src.is_dir() else src.parent).resolve()
+    text = json.dumps(samples, indent=0)
     # The media root is part of the key: the same JSON elsewhere points at other media.
-    text = json.dumps(samples, indent=0) + f"\n// media root: {media_root}"
-    key = cache / "samples.key"
-    if not key.is_file() or key.read_text() != text:  # other ranks find it written
-        source.write_text(json.dumps(samples, indent=0))
-        key.write_text(text)
-        (shards / MANIFEST).unlink(missing_ok=True)
-    if (shards / MANIFEST).is_file() and manifest_source_sha256(shards) == file_sha256(source):
-        return shards, json.loads((shards / REPORT).read_text())
+    key = hashlib.sha256(f"{media_root}\n{text}".encode()).hexdigest()
+    if (shards / MANIFEST).is_file() and stamp.is_file() and stamp.read_text() == key:
+        return shards, json.loads((shards / REPORT).read_text())  # other ranks: rank 0's
+    stamp.unlink(missing_ok=True)
+    source.write_text(text)
     report = convert(source, shards, media_root=media_root, progress=progress, overwrite=True)
     if not report.converted:
         first = (report.skipped + report.failed)[0]
         raise ValueError(f"{task.name}: no sample of {src} could be converted (e.g. "
                          f"{first['id']}: {first['reason']}); see {shards / REPORT}")
+    stamp.write_text(key)
     rank_zero_info(f"{task.name}: {report.summary()}")
     return shards, report.to_dict()
 
@@ -203,10 +203,11 @@ class EvalTask(L.Callback):
             raise ValueError(f"EvalTask({self.task.name}) needs a tokenizer directory")
         if self._shards is None:
             cache = Path(trainer.default_root_dir) / "eval_data" / self.task.name
-            if trainer.is_global_zero:
-                prepare_data(self.task, self.data, cache, progress=False)
+            if trainer.is_global_zero:  # converts; the others then find its shards
+                self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
             trainer.strategy.barrier("EvalTask.prepare_data")
-            self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
+            if self._shards is None:
+                self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
         config = getattr(pl_module, "config", None)
         dm = LyraDataModule(predict=str(self._shards), tokenizer=tokenizer,
                             batch_size=self.batch_size, max_length=None,
