@@ -21,12 +21,25 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
 }
 
 
+def close_process_group() -> None:
+    """Destroy the default process group a command leaves behind (Lightning's strategies keep
+    it after fit). Left to interpreter exit, gloo's worker threads can still hold tensors and
+    the process aborts with SIGABRT ("terminate called without an active exception") after a
+    run that succeeded. Only after success: destroying it while another rank is still inside
+    a collective would hang."""
+    dist = sys.modules.get("torch.distributed")  # `lyra-pl info` never imports torch
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     for words, (module, function, keep) in COMMANDS.items():
         if tuple(argv[:len(words)]) == words:
             run = getattr(importlib.import_module(module), function)
-            return run(argv if keep else argv[len(words):])
+            status = run(argv if keep else argv[len(words):])
+            close_process_group()
+            return status
     print(
         "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,data,corpus,bench,info,plan} "
         "[options]\n\n"

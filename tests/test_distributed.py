@@ -87,6 +87,7 @@ _SCRIPT = textwrap.dedent("""
     from lightning.pytorch.callbacks import ModelCheckpoint
     sys.path.insert(0, TESTS)
     from test_distributed import STAGE, Losses, samples, batch_of, trainable_state
+    from lyra_pl.cli import close_process_group
     from lyra_pl.training.parallelize import FSDP2Strategy
     from lyra_pl.training.stages import JointSFTStage
     devices, epochs, ckpt = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -120,6 +121,7 @@ _SCRIPT = textwrap.dedent("""
     if trainer.global_rank == 0:
         torch.save(state, f"state_{devices}_{epochs}.pt")
     json.dump(out, open(f"rank{trainer.global_rank}_{devices}_{epochs}.json", "w"))
+    close_process_group()  # as `lyra-pl` does: gloo can abort the exit otherwise
 """)
 
 
@@ -192,6 +194,7 @@ _MIXED = textwrap.dedent("""
     import sys, torch, lightning as L
     sys.path.insert(0, TESTS)
     from test_distributed import STAGE, samples, batch_of
+    from lyra_pl.cli import close_process_group
     from lyra_pl.model.inputs import Sample
     from lyra_pl.training.parallelize import FSDP2Strategy
     from lyra_pl.training.stages import LongSpeechStage
@@ -205,6 +208,7 @@ _MIXED = textwrap.dedent("""
     trainer.fit(stage, data)
     moved = float(next(stage.model.speech_projector.parameters()).full_tensor().abs().sum())
     open(f"mixed{trainer.global_rank}.txt", "w").write(str(moved))
+    close_process_group()  # as `lyra-pl` does: gloo can abort the exit otherwise
 """)
 
 
@@ -226,6 +230,7 @@ _SYNCED = textwrap.dedent("""
     import sys, torch, lightning as L
     sys.path.insert(0, TESTS)
     from test_distributed import STAGE, samples, batch_of
+    from lyra_pl.cli import close_process_group
     from lyra_pl.training.parallelize import FSDP2Strategy, unsharded_root
     from lyra_pl.training.stages import JointSFTStage
     L.seed_everything(0)
@@ -242,6 +247,7 @@ _SYNCED = textwrap.dedent("""
     with torch.no_grad(), unsharded_root(stage.model) as model:
         out = model.generate(inputs, max_new_tokens=6, eos_token_ids=eos, synced=True)
     open(f"synced{rank}.txt", "w").write(str(len(out.tokens[0])))
+    close_process_group()  # as `lyra-pl` does: gloo can abort the exit otherwise
 """)
 
 
