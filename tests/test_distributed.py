@@ -260,3 +260,63 @@ def test_sharded_generation_keeps_ranks_in_step(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert [int((tmp_path / f"synced{r}.txt").read_text()) for r in (0, 1)] == [1, 6]
+
+
+_EVAL = textwrap.dedent("""
+    import json, sys, torch, lightning as L
+    sys.path.insert(0, TESTS)
+    from test_distributed import STAGE, samples, batch_of
+    from lyra_pl.cli import close_process_group
+    from lyra_pl.eval.runner import EvalTask
+    from lyra_pl.training.parallelize import FSDP2Strategy
+    from lyra_pl.training.stages import JointSFTStage
+    devices, weights = int(sys.argv[1]), json.loads(sys.argv[2])
+    L.seed_everything(0)
+    data = torch.utils.data.DataLoader(samples(), batch_size=1, collate_fn=batch_of)
+
+
+    class Counted(JointSFTStage):  # which generation calls each rank makes
+        calls = []
+
+        def predict_step(self, batch, batch_idx):
+            self.calls.append(batch_idx)
+            return super().predict_step(batch, batch_idx)
+
+    stage = Counted(**{**STAGE, "lr": 0.0}, **weights)  # the same weights in both runs
+    task = EvalTask("docvqa", tokenizer="data/tiny/tokenizer", batch_size=4, limit_batches=3,
+                    max_new_tokens=4)
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=devices, strategy=FSDP2Strategy(),
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, limit_val_batches=1, val_check_interval=1,
+                        num_sanity_val_steps=0,
+                        default_root_dir=f"run{devices}", callbacks=[task])
+    trainer.fit(stage, data, data)
+    json.dump(stage.calls, open(f"calls{devices}_{trainer.global_rank}.json", "w"))
+    close_process_group()
+""")
+
+
+def test_eval_task_shares_batches_across_ranks(tmp_path):
+    """EvalTask under FSDP2 on two ranks: three batches dealt as 0, 2 | 1, (2 again, dropped),
+    so neither rank waits on the other's collectives; the gathered answers are the one-rank
+    run's, in the same order, none lost or doubled."""
+    weights = make_weights(tmp_path / "weights")
+    script = tmp_path / "eval_task.py"
+    script.write_text(f"TESTS = {str(Path(__file__).resolve().parent)!r}\n" + _EVAL)
+    out = {}
+    for devices in (2, 1):
+        proc = subprocess.run([sys.executable, str(script), str(devices), json.dumps(weights)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        d = tmp_path / f"run{devices}" / "eval" / "docvqa"
+        rows = [json.loads(line) for line in (d / "step1.predictions.jsonl").open()]
+        out[devices] = rows, json.loads((d / "step1.json").read_text())["scores"]
+    (two, two_scores), (one, one_scores) = out[2], out[1]
+    keys = [(r["key"], r["variant"]) for r in one]
+    assert len(one) == 12 and len(set(keys)) == 12  # three batches of four
+    assert [(r["key"], r["variant"]) for r in two] == keys
+    assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
+    assert two_scores == one_scores
+    calls = [json.loads((tmp_path / f"calls2_{r}.json").read_text()) for r in (0, 1)]
+    assert calls == [[0, 2], [1, 3]]  # 3: batch 2 again, its answers dropped
+    assert json.loads((tmp_path / "calls1_0.json").read_text()) == [0, 1, 2]

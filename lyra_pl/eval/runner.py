@@ -12,6 +12,7 @@ table, a JSON file and logger metrics.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 from contextlib import nullcontext
@@ -139,26 +140,45 @@ def log_to(loggers: Sequence[Any], metrics: dict[str, float], files: Sequence[Pa
 # ----------------------------------------------------------------------------- callbacks
 def answer(module: L.LightningModule, loader, tokenizer, max_new_tokens: int,
            limit_batches: int | None = None, context: Callable[[], Any] = nullcontext,
-           progress: bool = False) -> tuple[list[Row], list[tuple[str, str]]]:
+           progress: bool = False, rank: int = 0, world: int = 1
+           ) -> tuple[list[Row], list[tuple[str, str]]]:
     """Greedy answers of a stage module (:meth:`LyraStage.predict_step`) to every batch of a
-    prompt loader: (rows, samples the loader skipped as undecodable, with the reason)."""
-    rows: list[Row] = []
+    prompt loader: (rows in batch order, samples the loader skipped as undecodable, with the
+    reason).
+
+    With ``world`` > 1 (the ranks of a default process group, each iterating the same
+    loader), the batches are dealt out in rounds: rank ``r`` answers batch ``k * world + r``.
+    Every rank makes the same number of ``predict_step`` calls, as sharded generation needs:
+    in a last round short of batches, a rank without one answers the round's last batch
+    again and drops those answers. The rows are then gathered, so every rank returns all of
+    them, in batch order, and scores them alike."""
+    rows: list[tuple[int, list[Row]]] = []
     skipped: list[tuple[str, str]] = []
+    batches = itertools.islice(loader, limit_batches)
+    rounds = iter(lambda: list(itertools.islice(batches, world)), [])
     previous = module.max_new_tokens
     module.max_new_tokens = max_new_tokens
     try:
         with torch.no_grad():
-            for i, batch in enumerate(tqdm(loader, desc="answering", unit="batch",
-                                           disable=not progress, leave=False)):
-                if limit_batches is not None and i >= limit_batches:
-                    break
-                batch = module.transfer_batch_to_device(batch, module.device, 0)
+            for k, group in enumerate(tqdm(rounds, desc="answering", unit="round" if world > 1
+                                           else "batch", disable=not progress, leave=False)):
+                for b in group:
+                    skipped += [tuple(s) for s in b.get("skipped", [])]
+                mine = rank < len(group)
+                batch = module.transfer_batch_to_device(group[rank if mine else -1],
+                                                        module.device, 0)
+                index = k * world + rank
                 with context():
-                    rows += rows_from_outputs(module.predict_step(batch, i), tokenizer)
-                skipped += [tuple(s) for s in batch.get("skipped", [])]
+                    out = rows_from_outputs(module.predict_step(batch, index), tokenizer)
+                if mine:
+                    rows.append((index, out))
     finally:
         module.max_new_tokens = previous
-    return rows, skipped
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+    return [row for _, batch_rows in rows for row in batch_rows], skipped
 
 
 class EvalTask(L.Callback):
@@ -167,8 +187,10 @@ class EvalTask(L.Callback):
     ``eval/textvqa/speech_instruction/vqa_accuracy``), and written to
     ``<default_root_dir>/eval/<task>/step<global step>.json``.
 
-    Every rank answers the whole set (generation under FSDP2 needs every rank in step), so
-    the scores are the same everywhere and need no reduction.
+    The ranks share the work (each answers every ``world``-th batch, in step, as generation
+    under FSDP2 needs) and gather the answers, so every rank scores the whole set alike and
+    the scores need no reduction. Rank 0 also writes the answers to
+    ``step<global step>.predictions.jsonl``.
 
     Args:
         task: a name from :data:`lyra_pl.eval.tasks.TASKS`.
@@ -226,7 +248,8 @@ class EvalTask(L.Callback):
         loader, tokenizer = self._loader(trainer, pl_module)
         tok = load_tokenizer(resolve_path(tokenizer))
         rows, _ = answer(pl_module, loader, tok, self.max_new_tokens, self.limit_batches,
-                         trainer.precision_plugin.forward_context)
+                         trainer.precision_plugin.forward_context,
+                         rank=trainer.global_rank, world=trainer.world_size)
         if not rows:
             rank_zero_info(f"EvalTask({self.task.name}): no sample could be answered; "
                            "nothing logged")
@@ -239,4 +262,6 @@ class EvalTask(L.Callback):
             out = Path(trainer.default_root_dir) / "eval" / self.task.name
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step{trainer.global_step}.json").write_text(json.dumps(result, indent=1))
+            with open(out / f"step{trainer.global_step}.predictions.jsonl", "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
             rank_zero_info(format_results([result]))
