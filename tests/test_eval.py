@@ -178,6 +178,14 @@ def test_eval_task_at_validation_end(tmp_path):
     assert written["task"] == "docvqa" and written["scores"]["all"]["n"] == 4
 
 
+def test_eval_cli_checks_the_spelling_map_before_loading(tmp_path):
+    from lyra_pl.eval.cli import main
+
+    with pytest.raises(FileNotFoundError, match="spelling map .*nope.json' does not exist"):
+        main(["--task", "asr", "--ckpt", str(tmp_path), "--spelling-map",
+              str(tmp_path / "nope.json")])
+
+
 # ----------------------------------------------------------------------------- needle
 def test_needle_haystack_and_scoring(tmp_path):
     import numpy as np

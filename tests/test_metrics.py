@@ -54,6 +54,33 @@ def test_wer_by_hand():
         wer(["x"], ["a", "b"])
 
 
+def test_wer_with_whisper_spelling_map(tmp_path):
+    import json
+
+    from lyra_pl.eval.tasks import TASKS, with_spelling_map
+
+    mapping = tmp_path / "normalizer.json"  # the shape of Whisper's: British -> American
+    mapping.write_text(json.dumps({"colour": "color", "favourite": "favorite"}))
+    pred, ref = ["my favourite colour is red"], ["my favorite color is red"]
+    assert wer(pred, ref) == pytest.approx(2 / 5)  # two spelling "errors" without the map
+    assert wer(pred, ref, mapping) == 0.0
+    # the map comes from a Whisper checkpoint directory holding normalizer.json
+    task, used = with_spelling_map(TASKS["asr"], tmp_path)
+    assert used == mapping
+    assert task.score([{"prediction": pred[0], "answer": ref[0]}])["all"]["wer"] == 0.0
+    (tmp_path / "no_map").mkdir()  # a checkpoint without one: WER without the map
+    assert with_spelling_map(TASKS["asr"], tmp_path / "no_map") == (TASKS["asr"], None)
+    assert with_spelling_map(TASKS["textvqa"], tmp_path) == (TASKS["textvqa"], None)
+    with pytest.raises(FileNotFoundError, match="spelling map .*missing.json"):
+        with_spelling_map(TASKS["asr"], tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text(json.dumps(["colour", "color"]))
+    with pytest.raises(ValueError, match="must be a JSON object of word -> word"):
+        wer(pred, ref, tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json is not valid JSON"):
+        wer(pred, ref, tmp_path / "broken.json")
+
+
 def test_extract_choice():
     opts = ["A. red", "B. blue", "C. green", "D. yellow"]
     assert extract_choice("The best answer is C.", opts) == "C"

@@ -86,6 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "LibriSpeech-format tree or JSONL manifest")
     parser.add_argument("--qwen2vl", default=None, help="default: the export's base.json")
     parser.add_argument("--whisper", default=None, help="default: the export's base.json")
+    parser.add_argument("--spelling-map", default=None, metavar="FILE",
+                        help="asr: Whisper's British-to-American spelling map applied before "
+                             "WER (default: the Whisper checkpoint's normalizer.json when it "
+                             "has one; none: no map)")
     parser.add_argument("--tokenizer", default="data/tiny/tokenizer",
                         help="local tokenizer directory (default: the tiny corpus's)")
     parser.add_argument("--out", type=Path, default=Path("runs/eval"),
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)} or all")
     if args.data is not None and len(names) != 1:
         parser.error("--data names one task's data: give exactly one --task")
+    if args.spelling_map not in (None, "none"):
+        from lyra_pl.eval.metrics import spelling_map
+
+        spelling_map(args.spelling_map)  # a bad file fails before the model loads
     return run(args, names)
 
 
@@ -150,10 +158,12 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers) -> l
     from lyra_pl.data.datamodule import LyraDataModule, resolve_path
     from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
                                      results, write_outputs)
+    from lyra_pl.eval.tasks import with_spelling_map
 
     records = []
+    spelling_source = None if args.spelling_map == "none" else args.spelling_map or info["whisper"]
     for name in names:
-        task = TASKS[name]
+        task, spelling = with_spelling_map(TASKS[name], spelling_source)
         t0 = time.perf_counter()
         print(f"\n=== {name}", flush=True)
         shards, report = prepare_data(task, args.data, args.out / name / "data", limit=args.limit)
@@ -166,8 +176,9 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers) -> l
                                progress=True)
         if not rows:
             raise RuntimeError(f"{name}: the model answered no sample (see the warnings above)")
-        record = results(task, rows, **info, data=str(resolve_path(args.data or task.data)),
-                         shards=str(shards), not_converted=not_converted,
+        used = {"spelling_map": str(spelling) if spelling else None} if name == "asr" else {}
+        record = results(task, rows, **info, **used,
+                         data=str(resolve_path(args.data or task.data)), shards=str(shards), not_converted=not_converted,
                          skipped_at_decode=[list(s) for s in skipped],
                          seconds=round(time.perf_counter() - t0, 1),
                          date=datetime.datetime.now().isoformat(timespec="seconds"))

@@ -2,8 +2,9 @@
 
 - :func:`wer`: word error rate after Whisper's English text normalization (transformers'
   ``EnglishTextNormalizer``: case, punctuation, numbers, fillers, contractions), computed by
-  torchmetrics. Whisper's British-to-American spelling map (``normalizer.json``, shipped with
-  its tokenizer) is not applied: "colour" vs "color" counts as an error here.
+  torchmetrics; with ``spelling``, also Whisper's British-to-American spelling map (the
+  ``normalizer.json`` that Whisper checkpoints carry beside their tokenizer). Without it,
+  "colour" vs "color" counts as an error.
 - :func:`vqa_accuracy`: the VQA / TextVQA soft accuracy: an answer scores
   ``min(1, matches / 3)`` against each set of 9 of the 10 human answers, averaged over the 10
   sets, after the official answer normalization (punctuation, number words, articles,
@@ -16,7 +17,9 @@
 from __future__ import annotations
 
 import functools
+import json
 import re
+from pathlib import Path
 from typing import Sequence
 
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -67,28 +70,46 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(a) for a in answers))
 
 
-@functools.lru_cache(maxsize=1)
-def _normalizer():
+def spelling_map(path: str | Path) -> dict[str, str]:
+    """Whisper's spelling map (``normalizer.json``: ``{"colour": "color", ...}``), checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spelling map {str(path)!r} does not exist")
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"spelling map {path} is not valid JSON: {e}") from None
+    if not isinstance(mapping, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ValueError(f"spelling map {path} must be a JSON object of word -> word strings "
+                         "(Whisper's normalizer.json)")
+    return mapping
+
+
+@functools.lru_cache(maxsize=4)
+def _normalizer(spelling: str | None):
     from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
-    return EnglishTextNormalizer({})
+    return EnglishTextNormalizer(spelling_map(spelling) if spelling else {})
 
 
-def whisper_normalize(text: str) -> str:
-    """Whisper's English text normalization (numbers, punctuation, fillers; no spelling map)."""
-    return _normalizer()(text)
+def whisper_normalize(text: str, spelling: str | Path | None = None) -> str:
+    """Whisper's English text normalization (numbers, punctuation, fillers), with the
+    spelling map at ``spelling`` when given."""
+    return _normalizer(str(Path(spelling).resolve()) if spelling else None)(text)
 
 
-def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
+def wer(predictions: Sequence[str], references: Sequence[str],
+        spelling: str | Path | None = None) -> float:
     """Corpus word error rate (errors summed over all utterances / reference words) after
-    :func:`whisper_normalize`. A reference that normalizes to nothing raises, since it has no
-    words to count errors against."""
+    :func:`whisper_normalize` (with ``spelling``, Whisper's spelling map file). A reference
+    that normalizes to nothing raises, since it has no words to count errors against."""
     from torchmetrics.functional.text import word_error_rate
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    preds = [whisper_normalize(p) for p in predictions]
-    refs = [whisper_normalize(r) for r in references]
+    preds = [whisper_normalize(p, spelling) for p in predictions]
+    refs = [whisper_normalize(r, spelling) for r in references]
     empty = [i for i, r in enumerate(refs) if not r.split()]
     if empty:
         raise ValueError(f"reference {empty[0]} ({references[empty[0]]!r}) is empty after "

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from tqdm import tqdm
 
-from lyra_pl.eval.tasks import SPEECH, TEXT, Row, Task, get_task
+from lyra_pl.eval.tasks import SPEECH, TEXT, Row, Task, get_task, with_spelling_map
 
 SOURCE = "samples.json"
 _GROUP_KEYS = {TEXT: "text_instruction", SPEECH: "speech_instruction",
@@ -200,11 +200,14 @@ class EvalTask(L.Callback):
             ``val_check_interval``).
         batch_size, max_new_tokens: generation batches and answer length (default: the task's).
         limit_batches: only the first batches (a quick signal on a big set).
+        spelling_map: asr: Whisper's spelling map file applied before WER (default: the
+            module's Whisper checkpoint's ``normalizer.json`` when it has one; ``"none"``: no
+            map).
     """
 
     def __init__(self, task: str, data: str | None = None, tokenizer: str | None = None,
                  every_n_epochs: int = 1, batch_size: int = 8, max_new_tokens: int | None = None,
-                 limit_batches: int | None = None):
+                 limit_batches: int | None = None, spelling_map: str | None = None):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         self.task = get_task(task)
@@ -214,6 +217,7 @@ class EvalTask(L.Callback):
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
         self.limit_batches = limit_batches
+        self.spelling_map = spelling_map
         self._shards: Path | None = None
         self._validations = 0
 
@@ -254,8 +258,10 @@ class EvalTask(L.Callback):
             rank_zero_info(f"EvalTask({self.task.name}): no sample could be answered; "
                            "nothing logged")
             return
-        result = results(self.task, rows, epoch=trainer.current_epoch,
-                         step=trainer.global_step)
+        source = (None if self.spelling_map == "none"
+                  else self.spelling_map or getattr(pl_module, "whisper", None))
+        task, _ = with_spelling_map(self.task, source)
+        result = results(task, rows, epoch=trainer.current_epoch, step=trainer.global_step)
         metrics = metric_dict(result)
         pl_module.log_dict(metrics, sync_dist=False)
         if trainer.is_global_zero:

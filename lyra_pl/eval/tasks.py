@@ -2,7 +2,7 @@
 
 | task | data | score |
 |---|---|---|
-| ``asr`` | LibriSpeech tree (``*.trans.txt``), NeMo-style JSONL manifest, or official JSON | WER after Whisper normalization |
+| ``asr`` | LibriSpeech tree (``*.trans.txt``), NeMo-style JSONL manifest, or official JSON | WER after Whisper normalization (and its spelling map: :func:`with_spelling_map`) |
 | ``textvqa`` | official JSON + ``answers``; ``speech_instruction`` adds the S+I twin | VQA soft accuracy, T+I and S+I |
 | ``docvqa`` | the same | exact match, T+I and S+I (ChartQA: the same task on its data) |
 | ``videomme`` | official JSON with a video, ``options`` and the ``answer`` letter | multiple-choice accuracy |
@@ -15,9 +15,10 @@ turn, ``extra`` the sample's extra fields.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -154,9 +155,9 @@ def references(row: Row, field: str) -> list[str]:
     return [str(r) for r in refs]
 
 
-def score_asr(rows: Sequence[Row]) -> Scores:
+def score_asr(rows: Sequence[Row], spelling: str | Path | None = None) -> Scores:
     return {"all": {"n": len(rows), "wer": metrics.wer([r["prediction"] for r in rows],
-                                                        [r["answer"] for r in rows])}}
+                                                        [r["answer"] for r in rows], spelling)}}
 
 
 def score_textvqa(rows: Sequence[Row]) -> Scores:
@@ -200,7 +201,7 @@ class Task:
     name: str
     data: str
     load: Callable[[Path], list[Sample]]
-    score: Callable[[Sequence[Row]], Scores]
+    score: Callable[..., Scores]
     headline: str
     max_new_tokens: int
     lower_is_better: bool = False
@@ -228,6 +229,24 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("sound_caption", "data/tiny/eval/sound_caption.json", read_json_samples,
          score_sound_caption, "rougeL", 16),
 )}
+
+
+SPELLING_FILE = "normalizer.json"  # what Whisper checkpoints name their spelling map
+
+
+def with_spelling_map(task: Task, spelling: str | Path | None) -> tuple[Task, Path | None]:
+    """The ASR task scored with Whisper's spelling map at ``spelling`` (a file, or a Whisper
+    checkpoint directory holding ``normalizer.json``) and the file used; any other task, or
+    no such file in a directory, as it is and ``None``. A named file that is missing raises."""
+    if task.name != "asr" or spelling is None:
+        return task, None
+    path = Path(spelling)
+    if path.is_dir():
+        path = path / SPELLING_FILE
+        if not path.is_file():
+            return task, None
+    metrics.spelling_map(path)  # checked now, not after answering the whole set
+    return replace(task, score=functools.partial(score_asr, spelling=path)), path
 
 
 def get_task(name: str) -> Task:
