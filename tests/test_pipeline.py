@@ -18,10 +18,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lyra_pl(args: list[str], cwd: Path, timeout: int = 600) -> str:
+def lyra_pl(args: list[str], cwd: Path, timeout: int = 600, nproc: int = 1) -> str:
+    """`lyra-pl ARGS` in ``cwd``; with ``nproc`` > 1 under torchrun (standalone)."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    proc = subprocess.run([sys.executable, "-m", "lyra_pl.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run([sys.executable, *(torchrun if nproc > 1 else []), "-m", "lyra_pl.cli",
+                           *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     return out
@@ -138,6 +141,27 @@ def test_eval_every_task_on_the_final_export(pipeline_run):
     assert "eval/asr/all/wer" in run.data.metrics
     assert {"eval/summary.json", "eval/summary.txt"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+
+
+def test_eval_under_torchrun_matches_one_process(pipeline_run):
+    """`torchrun --nproc_per_node 2 -m lyra_pl.cli eval`: two processes, a model copy each,
+    deal out the batches; rank 0 writes what one process with the same batch size writes."""
+    cwd, _ = pipeline_run
+    export = cwd / "runs" / "tiny" / "stage4_speech_gen" / "export"
+    args = ["eval", "--task", "docvqa", "--ckpt", str(export), "--limit", "7", "--batch-size",
+            "2", "--no-mlflow"]  # 7 samples: batches of 2, 2, 2, 1, two rounds of two
+    lyra_pl(args + ["--out", "runs/eval_one"], cwd)
+    lyra_pl(args + ["--out", "runs/eval_two"], cwd, nproc=2)
+    rows, records = {}, {}
+    for n in ("one", "two"):
+        d = cwd / "runs" / f"eval_{n}" / "docvqa"
+        rows[n] = [json.loads(line) for line in (d / "predictions.jsonl").open()]
+        records[n] = json.loads((d / "results.json").read_text())
+    assert len(rows["one"]) == 7
+    assert [(r["key"], r["variant"], r["prediction"]) for r in rows["two"]] == [
+        (r["key"], r["variant"], r["prediction"]) for r in rows["one"]]
+    assert records["two"]["scores"] == records["one"]["scores"]
+    assert (records["one"]["processes"], records["two"]["processes"]) == (1, 2)
 
 
 def test_needle_heatmap_for_the_tiny_model(pipeline_run):

@@ -4,12 +4,17 @@ The model is a stage's export directory (``<stage run>/export``, written by ``Ex
 its ``config.json``, projectors, speech generator and LoRA adapters) on top of the frozen
 Qwen2-VL and Whisper weights it was trained on (``--qwen2vl`` / ``--whisper``, by default
 the ones recorded in the export's ``base.json``). Each task's data (default: the tiny
-corpus's set) is converted into shards, the model answers greedily in one process, and the
-scores go to a table, ``<out>/<task>/results.json`` (with
-``predictions.jsonl``), ``<out>/summary.json``, and one MLflow run.
+corpus's set) is converted into shards, the model answers greedily, and the scores go to a
+table, ``<out>/<task>/results.json`` (with ``predictions.jsonl``), ``<out>/summary.json``,
+and one MLflow run.
+
+Under ``torchrun`` every process holds a whole copy of the model (on ``cuda:LOCAL_RANK``, or
+the CPU) and answers its share of the batches; rank 0 gathers the answers, scores, writes
+and logs. The results are those of one process with the same ``--batch-size``.
 
     lyra-pl eval --task all --ckpt runs/tiny/stage4_speech_gen/export
     lyra-pl eval --task asr --data /data/LibriSpeech/test-clean --ckpt ... --qwen2vl ... --whisper ...
+    torchrun --standalone --nproc_per_node 8 -m lyra_pl.cli eval --task all --ckpt ...
 """
 from __future__ import annotations
 
@@ -125,15 +130,37 @@ def main(argv: list[str] | None = None) -> int:
     return run(args, names)
 
 
+def data_parallel(args: argparse.Namespace) -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` (``WORLD_SIZE`` > 1) the default process group
+    (NCCL between GPUs, one per process at ``LOCAL_RANK``; gloo on CPU) is set up and
+    ``args.device`` pointed at this process's GPU; otherwise (0, 1)."""
+    import os
+
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    cuda = torch.cuda.is_available() and (args.device or "cuda").startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), world
+
+
 def run(args: argparse.Namespace, names: list[str]) -> int:
     from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
 
+    rank, world = data_parallel(args)
     module, info, context = load_for_inference(args, 32)
+    info["processes"] = world
     tokenizer = resolve_path(args.tokenizer)
     tok = load_tokenizer(tokenizer)
     loggers = []
-    if not args.no_mlflow:
+    if not args.no_mlflow and rank == 0:
         from lyra_pl.training.tracking import LyraMLFlowLogger
 
         loggers.append(LyraMLFlowLogger(experiment_name=args.experiment,
@@ -141,23 +168,28 @@ def run(args: argparse.Namespace, names: list[str]) -> int:
         loggers[0].log_hyperparams({**info, "tasks": ",".join(names),
                                     "data": args.data or "tiny corpus", "limit": args.limit})
     try:
-        _run_tasks(args, names, module, info, tok, tokenizer, context, loggers)
+        _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank, world)
     except BaseException:
         for lg in loggers:
             lg.finalize("failed")
         raise
     for lg in loggers:
         lg.finalize("success")
-    print(f"\nwrote {args.out / 'summary.json'} and {args.out}/<task>/"
-          "{results.json,predictions.jsonl}")
+    if rank == 0:
+        print(f"\nwrote {args.out / 'summary.json'} and {args.out}/<task>/"
+              "{results.json,predictions.jsonl}")
     return 0
 
 
-def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers) -> list[dict]:
-    """Each task: shards, answers, scores, files and metrics; then the summary."""
+def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank: int = 0,
+               world: int = 1) -> list[dict]:
+    """Each task: shards, answers, scores, files and metrics; then the summary. With several
+    processes all answer, and rank 0 alone converts the data (first) and writes."""
+    import torch
+
     from lyra_pl.data.datamodule import LyraDataModule, resolve_path
-    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict, prepare_data,
-                                     results, write_outputs)
+    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict,
+                                     prepare_data_once, results, write_outputs)
     from lyra_pl.eval.tasks import with_spelling_map
 
     records = []
@@ -165,31 +197,38 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers) -> l
     for name in names:
         task, spelling = with_spelling_map(TASKS[name], spelling_source)
         t0 = time.perf_counter()
-        print(f"\n=== {name}", flush=True)
-        shards, report = prepare_data(task, args.data, args.out / name / "data", limit=args.limit)
+        if rank == 0:
+            print(f"\n=== {name}", flush=True)
+        shards, report = prepare_data_once(
+            task, args.data, args.out / name / "data", rank == 0,
+            torch.distributed.barrier if world > 1 else lambda: None, limit=args.limit)
         not_converted = report.get("skipped", []) + report.get("failed", [])
         dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer),
                             batch_size=args.batch_size, max_length=None,
                             expected_ids=dict(module.config.placeholder_ids))
         rows, skipped = answer(module, dm.predict_dataloader(), tok,
                                args.max_new_tokens or task.max_new_tokens, context=context,
-                               progress=True)
+                               progress=rank == 0, rank=rank, world=world)
         if not rows:
             raise RuntimeError(f"{name}: the model answered no sample (see the warnings above)")
         used = {"spelling_map": str(spelling) if spelling else None} if name == "asr" else {}
         record = results(task, rows, **info, **used,
-                         data=str(resolve_path(args.data or task.data)), shards=str(shards), not_converted=not_converted,
-                         skipped_at_decode=[list(s) for s in skipped],
+                         data=str(resolve_path(args.data or task.data)), shards=str(shards),
+                         not_converted=not_converted, skipped_at_decode=[list(s) for s in skipped],
                          seconds=round(time.perf_counter() - t0, 1),
                          date=datetime.datetime.now().isoformat(timespec="seconds"))
+        records.append(record)
+        if rank != 0:
+            continue
         files = write_outputs(args.out, record, rows)
         log_to(loggers, metric_dict(record), files)
-        records.append(record)
         print(format_results([record]), flush=True)
         lost = len(not_converted) + len(skipped)
         if lost:
             print(f"warning: {lost} {name} sample(s) could not be read and are not scored "
                   f"(see {files[1]})", file=sys.stderr)
+    if rank != 0:
+        return records
     table = format_results(records)
     print("\n" + table)
     summary = args.out / "summary.json"

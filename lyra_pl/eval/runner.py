@@ -68,6 +68,15 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
     return shards, report.to_dict()
 
 
+def prepare_data_once(task: Task, data: str | Path | None, cache: str | Path, first: bool,
+                      barrier: Callable[[], Any], **kwargs: Any) -> tuple[Path, dict[str, Any]]:
+    """:func:`prepare_data` in several processes: the ``first`` converts while the others
+    wait at ``barrier``, then they find its shards."""
+    out = prepare_data(task, data, cache, **kwargs) if first else None
+    barrier()
+    return out or prepare_data(task, data, cache, **kwargs)
+
+
 # ----------------------------------------------------------------------------- rows
 def rows_from_outputs(outputs: dict[str, Any], tokenizer) -> list[Row]:
     """Rows to score from one ``predict_step`` output (a dict per sample)."""
@@ -229,11 +238,9 @@ class EvalTask(L.Callback):
             raise ValueError(f"EvalTask({self.task.name}) needs a tokenizer directory")
         if self._shards is None:
             cache = Path(trainer.default_root_dir) / "eval_data" / self.task.name
-            if trainer.is_global_zero:  # converts; the others then find its shards
-                self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
-            trainer.strategy.barrier("EvalTask.prepare_data")
-            if self._shards is None:
-                self._shards = prepare_data(self.task, self.data, cache, progress=False)[0]
+            self._shards = prepare_data_once(
+                self.task, self.data, cache, trainer.is_global_zero,
+                lambda: trainer.strategy.barrier("EvalTask.prepare_data"), progress=False)[0]
         config = getattr(pl_module, "config", None)
         dm = LyraDataModule(predict=str(self._shards), tokenizer=tokenizer,
                             batch_size=self.batch_size, max_length=None,
