@@ -124,6 +124,11 @@ def test_scores_by_hand():
                          row("v2", "A", "A", options=opts[:2], answer="A")])
     assert mc["all"] == {"n": 3, "accuracy": pytest.approx(2 / 3),
                          "chance": pytest.approx((1 / 4 + 1 / 4 + 1 / 2) / 3)}
+    # the held-out answer may be written "(B)" or "B. blue"; one naming no letter is an error
+    assert score_videomme([row("v3", "B", "(B)", options=opts),
+                           row("v4", "B", "B. blue", options=opts)])["all"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="v5: answer '' names no option letter"):
+        score_videomme([row("v5", "B", "", options=opts)])
 
     asr = score_asr([row("u0", "the cat sat", "THE CAT SAT DOWN"), row("u1", "a b", "A C")])
     assert asr["all"] == {"n": 2, "wer": pytest.approx(2 / 6)}
@@ -152,6 +157,21 @@ def test_prepare_data_converts_once(tmp_path):
                      limit=6)
     with pytest.raises(FileNotFoundError, match="docvqa: data .* does not exist"):
         prepare_data(task, str(tmp_path / "missing.json"), tmp_path / "c2")
+
+    # several processes: the first converts; its failure reaches the others through the
+    # broadcast (here: what rank 0 would send) instead of leaving them waiting
+    from lyra_pl.eval.runner import prepare_data_once
+
+    sent = []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare_data_once(task, str(tmp_path / "missing.json"), tmp_path / "c3", True,
+                          lambda obj: sent.append(obj) or obj)
+    assert sent and sent[0].startswith("FileNotFoundError: docvqa: data")
+    with pytest.raises(RuntimeError, match="first rank could not prepare .*FileNotFoundError"):
+        prepare_data_once(task, str(tmp_path / "missing.json"), tmp_path / "c3", False,
+                          lambda obj: sent[0])
+    assert prepare_data_once(task, None, tmp_path / "cache", False, lambda obj: None,
+                             progress=False, limit=6)[0] == more
 
 
 # ----------------------------------------------------------------------------- during fit

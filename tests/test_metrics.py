@@ -16,6 +16,13 @@ def test_normalize_answer():
     assert normalize_answer("3.5") == "3.5"
     assert normalize_answer("yes!") == "yes"
     assert normalize_answer("dont know") == "don't know"
+    # EvalAI's rules: a period after a number goes; a mark inside a word becomes a space, one
+    # next to a space goes; marks outside the official list stay
+    assert normalize_answer("3.") == "3"
+    assert normalize_answer("t-shirt") == "t shirt"
+    assert normalize_answer("black / white") == "black white"
+    assert normalize_answer("10:30") == "10:30" and normalize_answer("50%") == "50%"
+    assert normalize_answer("the man's hat?") == "man 's hat"
 
 
 def test_vqa_soft_accuracy_by_hand():
@@ -29,6 +36,8 @@ def test_vqa_soft_accuracy_by_hand():
     three = ["cat"] * 3 + ["dog"] * 7
     assert vqa_accuracy("a cat", three) == pytest.approx((7 * 1.0 + 3 * 2 / 3) / 10)
     assert vqa_accuracy("x", ["x"]) == 1.0
+    assert vqa_accuracy("3.", ["3"] * 10) == 1.0
+    assert vqa_accuracy("t shirt", ["t-shirt"] * 10) == 1.0
     # fewer than 4 answers: threshold n - 1, so unanimity scores 1 (each pair/triple subset)
     assert vqa_accuracy("x", ["x", "x"]) == 1.0
     assert vqa_accuracy("x", ["x", "x", "x"]) == 1.0
@@ -89,6 +98,9 @@ def test_extract_choice():
     assert extract_choice("Green.", opts) == "C"
     assert extract_choice("i do not know", opts) == ""
     assert extract_choice("", opts) == ""
+    # a lone letter is that letter, even where an option's text is a letter too
+    assert extract_choice("C", ["A. C", "B. D", "C. E"]) == "C"
+    assert extract_choice("(B)", opts) == "B"
 
 
 def test_caption_scores_by_hand():

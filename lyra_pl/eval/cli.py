@@ -150,6 +150,15 @@ def data_parallel(args: argparse.Namespace) -> tuple[int, int]:
     return torch.distributed.get_rank(), world
 
 
+def _broadcast(obj):
+    """``obj`` of rank 0, on every rank."""
+    import torch
+
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run(args: argparse.Namespace, names: list[str]) -> int:
     from lyra_pl.data.datamodule import resolve_path
     from lyra_pl.data.decode import load_tokenizer
@@ -185,8 +194,6 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank
                world: int = 1) -> list[dict]:
     """Each task: shards, answers, scores, files and metrics; then the summary. With several
     processes all answer, and rank 0 alone converts the data (first) and writes."""
-    import torch
-
     from lyra_pl.data.datamodule import LyraDataModule, resolve_path
     from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict,
                                      prepare_data_once, results, write_outputs)
@@ -201,7 +208,7 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank
             print(f"\n=== {name}", flush=True)
         shards, report = prepare_data_once(
             task, args.data, args.out / name / "data", rank == 0,
-            torch.distributed.barrier if world > 1 else lambda: None, limit=args.limit)
+            _broadcast if world > 1 else lambda obj: obj, limit=args.limit)
         not_converted = report.get("skipped", []) + report.get("failed", [])
         dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer),
                             batch_size=args.batch_size, max_length=None,

@@ -28,20 +28,26 @@ _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't",
                  "cant": "can't", "wont": "won't", "didnt": "didn't", "im": "i'm",
                  "ive": "i've", "youre": "you're", "thats": "that's", "whats": "what's"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")  # a period not inside a number
-_COMMA_NUMBER = re.compile(r"(\d),(\d)")
+_PUNCT = ";/[]\"{}()=+\\_-><@`,?!"  # the official list; other marks are kept
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("2.5" stays)
 
 
 def normalize_answer(text: str) -> str:
-    """The official VQA answer normalization, compactly: lower case; commas inside numbers
-    dropped ("1,000" -> "1000"); other punctuation, and periods outside numbers, removed;
-    number words to digits; articles dropped; common apostrophe-less contractions restored."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    text = _COMMA_NUMBER.sub(r"\1\2", text)
-    text = _PERIOD.sub("", _PUNCT.sub("", text))
-    words = [_CONTRACTIONS.get(w, _NUMBERS.get(w, w)) for w in text.split()]
-    return " ".join(w for w in words if w not in _ARTICLES)
+    """The VQA / TextVQA (EvalAI) answer normalization: lower case; commas and question marks
+    dropped ("1,000" -> "1000"); "'s" split off; each other mark of the official list deleted
+    where the text has it next to a space, else made a space ("t-shirt" -> "t shirt");
+    periods not followed by a digit removed ("3." -> "3", "2.5" stays); number words to
+    digits; articles dropped; common apostrophe-less contractions restored (a subset of the
+    official table)."""
+    text = text.lower()
+    text = text.replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _PUNCT:
+        spaced = f"{p} " in text or f" {p}" in text
+        out = out.replace(p, "" if spaced else " ")
+    words = [_NUMBERS.get(w, w) for w in _PERIOD.sub("", out).split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
@@ -124,9 +130,13 @@ _ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer i
 def extract_choice(prediction: str, options: Sequence[str] = (), letters: str = "ABCD") -> str:
     """The option letter of a multiple-choice answer, or "" when it gives none.
 
-    An answer that is exactly one option's text (``options`` like ``"B. blue"``, compared
-    after :func:`normalize_answer`) gives that option's letter. Otherwise VideoMME's official
-    rule: drop the usual answer prefixes, then the first capital option letter in the text."""
+    A lone letter ("C", "(C)", "C.") is that letter, whatever the options' texts. An answer
+    that is exactly one option's text (``options`` like ``"B. blue"``, compared after
+    :func:`normalize_answer`) gives that option's letter. Otherwise VideoMME's official rule:
+    drop the usual answer prefixes, then the first capital option letter in the text."""
+    lone = re.fullmatch(rf"\(?([{letters}])[.):]?", prediction.strip())
+    if lone:
+        return lone[1]
     pred = normalize_answer(prediction)
     for option in options:
         letter, _, text = option.partition(".")

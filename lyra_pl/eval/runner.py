@@ -69,11 +69,22 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
 
 
 def prepare_data_once(task: Task, data: str | Path | None, cache: str | Path, first: bool,
-                      barrier: Callable[[], Any], **kwargs: Any) -> tuple[Path, dict[str, Any]]:
-    """:func:`prepare_data` in several processes: the ``first`` converts while the others
-    wait at ``barrier``, then they find its shards."""
-    out = prepare_data(task, data, cache, **kwargs) if first else None
-    barrier()
+                      broadcast: Callable[[Any], Any], **kwargs: Any
+                      ) -> tuple[Path, dict[str, Any]]:
+    """:func:`prepare_data` in several processes: the ``first`` converts, then
+    ``broadcast`` (from it to all) says whether that worked. The others then read its
+    shards, or raise with its error instead of waiting for it forever."""
+    out, error = None, None
+    if first:
+        try:
+            out = prepare_data(task, data, cache, **kwargs)
+        except Exception as e:
+            error = e
+    failure = broadcast(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise RuntimeError(f"{task.name}: the first rank could not prepare the data: {failure}")
     return out or prepare_data(task, data, cache, **kwargs)
 
 
@@ -240,7 +251,7 @@ class EvalTask(L.Callback):
             cache = Path(trainer.default_root_dir) / "eval_data" / self.task.name
             self._shards = prepare_data_once(
                 self.task, self.data, cache, trainer.is_global_zero,
-                lambda: trainer.strategy.barrier("EvalTask.prepare_data"), progress=False)[0]
+                lambda obj: trainer.strategy.broadcast(obj, src=0), progress=False)[0]
         config = getattr(pl_module, "config", None)
         dm = LyraDataModule(predict=str(self._shards), tokenizer=tokenizer,
                             batch_size=self.batch_size, max_length=None,

@@ -173,8 +173,11 @@ def score_docvqa(rows: Sequence[Row]) -> Scores:
 def score_videomme(rows: Sequence[Row]) -> Scores:
     def correct(r: Row) -> float:
         options = r["extra"].get("options") or []
-        answer = (r["extra"].get("answer") or r["answer"]).strip().upper()[:1]
-        return float(metrics.extract_choice(r["prediction"], options) == answer)
+        letter = re.match(r"\s*\(?([A-Za-z])\b", r["extra"].get("answer") or r["answer"])
+        if letter is None:  # "B", "(B)" or "B. blue"
+            raise ValueError(f"videomme sample {r['key']}: answer {r['answer']!r} names no "
+                             "option letter")
+        return float(metrics.extract_choice(r["prediction"], options) == letter[1].upper())
 
     out = _per_row(correct, "accuracy", rows)
     for group, rs in _groups(rows).items():
