@@ -80,6 +80,9 @@ def test_wer_with_whisper_spelling_map(tmp_path):
     (tmp_path / "no_map").mkdir()  # a checkpoint without one: WER without the map
     assert with_spelling_map(TASKS["asr"], tmp_path / "no_map") == (TASKS["asr"], None)
     assert with_spelling_map(TASKS["textvqa"], tmp_path) == (TASKS["textvqa"], None)
+    # by default the Whisper checkpoint's map; "none" turns it off
+    assert with_spelling_map(TASKS["asr"], None, tmp_path)[1] == mapping
+    assert with_spelling_map(TASKS["asr"], "none", tmp_path) == (TASKS["asr"], None)
     with pytest.raises(FileNotFoundError, match="spelling map .*missing.json"):
         with_spelling_map(TASKS["asr"], tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text(json.dumps(["colour", "color"]))

@@ -109,9 +109,6 @@ def run_case(model, setting: tuple[int, float] | None, tokens: int, decode_token
                                   cfg.lmme_min_keep, cache)
         return cache, state, keeps
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     m = measure(prefill, device, repeats, warmup=1, budget_s=budget_s)
     peak, prefill_s = m.peak_extra_mb, m.median_ms / 1e3
     # The memory probe's cache stayed alive through the timed runs: dropped, and the peak

@@ -200,9 +200,8 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank
     from lyra_pl.eval.tasks import with_spelling_map
 
     records = []
-    spelling_source = None if args.spelling_map == "none" else args.spelling_map or info["whisper"]
     for name in names:
-        task, spelling = with_spelling_map(TASKS[name], spelling_source)
+        task, spelling = with_spelling_map(TASKS[name], args.spelling_map, info["whisper"])
         t0 = time.perf_counter()
         if rank == 0:
             print(f"\n=== {name}", flush=True)

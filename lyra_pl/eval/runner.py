@@ -134,13 +134,17 @@ def format_results(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_rows(path: Path, rows: Sequence[Row]) -> None:
+    """Rows as JSON lines."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
 def write_outputs(out: Path, result: dict[str, Any], rows: Sequence[Row]) -> list[Path]:
     """``out/<task>/predictions.jsonl`` and ``out/<task>/results.json``."""
     d = out / result["task"]
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / "predictions.jsonl", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    write_rows(d / "predictions.jsonl", rows)
     (d / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     return [d / "predictions.jsonl", d / "results.json"]
 
@@ -276,9 +280,8 @@ class EvalTask(L.Callback):
             rank_zero_info(f"EvalTask({self.task.name}): no sample could be answered; "
                            "nothing logged")
             return
-        source = (None if self.spelling_map == "none"
-                  else self.spelling_map or getattr(pl_module, "whisper", None))
-        task, _ = with_spelling_map(self.task, source)
+        task, _ = with_spelling_map(self.task, self.spelling_map,
+                                    getattr(pl_module, "whisper", None))
         result = results(task, rows, epoch=trainer.current_epoch, step=trainer.global_step)
         metrics = metric_dict(result)
         pl_module.log_dict(metrics, sync_dist=False)
@@ -286,6 +289,5 @@ class EvalTask(L.Callback):
             out = Path(trainer.default_root_dir) / "eval" / self.task.name
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step{trainer.global_step}.json").write_text(json.dumps(result, indent=1))
-            with open(out / f"step{trainer.global_step}.predictions.jsonl", "w") as f:
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+            write_rows(out / f"step{trainer.global_step}.predictions.jsonl", rows)
             rank_zero_info(format_results([result]))

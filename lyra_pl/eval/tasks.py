@@ -237,10 +237,13 @@ TASKS: dict[str, Task] = {t.name: t for t in (
 SPELLING_FILE = "normalizer.json"  # what Whisper checkpoints name their spelling map
 
 
-def with_spelling_map(task: Task, spelling: str | Path | None) -> tuple[Task, Path | None]:
+def with_spelling_map(task: Task, spelling: str | Path | None,
+                      whisper: str | Path | None = None) -> tuple[Task, Path | None]:
     """The ASR task scored with Whisper's spelling map at ``spelling`` (a file, or a Whisper
-    checkpoint directory holding ``normalizer.json``) and the file used; any other task, or
-    no such file in a directory, as it is and ``None``. A named file that is missing raises."""
+    checkpoint directory holding ``normalizer.json``; default: the ``whisper`` checkpoint
+    directory; ``"none"``: no map) and the file used; any other task, or no such file in a
+    directory, as it is and ``None``. A named file that is missing raises."""
+    spelling = None if spelling == "none" else spelling or whisper
     if task.name != "asr" or spelling is None:
         return task, None
     path = Path(spelling)
@@ -248,7 +251,7 @@ def with_spelling_map(task: Task, spelling: str | Path | None) -> tuple[Task, Pa
         path = path / SPELLING_FILE
         if not path.is_file():
             return task, None
-    metrics.spelling_map(path)  # checked now, not after answering the whole set
+    metrics.whisper_normalize("", path)  # loads and checks the map now (cached for scoring)
     return replace(task, score=functools.partial(score_asr, spelling=path)), path
 
 
