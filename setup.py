@@ -95,6 +95,8 @@ setup(
         "omegaconf>=2.3",
         "webdataset>=1.0",
         "mlflow>=3.0",
+        "av>=14",  # PyAV: FFmpeg's decoders inside its wheels, for every audio/video format
+        "fsspec>=2024.1",  # shard folders at s3://, gs://, ... URLs
     ],
     extras_require={
         "bench": ["matplotlib>=3.9", "pysdtw>=0.0.5", "tslearn>=0.10"],

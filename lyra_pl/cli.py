@@ -17,6 +17,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
     ("needle",): ("lyra_pl.eval.needle", "main", False),
     ("pipeline",): ("lyra_pl.training.cli", "pipeline", False),
     ("data", "convert"): ("lyra_pl.data.convert", "main", False),
+    ("data", "merge"): ("lyra_pl.data.convert", "merge_main", False),
     ("corpus",): ("lyra_pl.data.corpus.build", "main", False),
 }
 
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         "  pipeline the four stages in order (`lyra-pl pipeline --preset tiny`)\n"
         "  eval     `lyra-pl eval --task all --ckpt runs/tiny/stage4_speech_gen/export`\n"
         "  needle   long-speech needle in a haystack (`lyra-pl needle --ckpt ...`)\n"
-        "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards\n"
+        "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards;\n"
+        "           `lyra-pl data merge DIR`: join the parts of a --part I/N conversion\n"
         "  corpus   `lyra-pl corpus build --out data/tiny`: build the tiny corpus (espeak-ng)\n"
         "  bench    benchmarks (see `lyra-pl bench --help`)\n"
         "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)\n"

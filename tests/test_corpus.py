@@ -17,11 +17,11 @@ from lyra_pl.data.corpus import CorpusSizes, build_corpus, main
 from lyra_pl.data.corpus.build import RATE, STAGE_FILES, balanced, long_recording
 from lyra_pl.data.corpus.images import BACKGROUNDS, RGB, render_image
 from lyra_pl.data.corpus.sounds import SOUND_EVENTS, sound_event
-from lyra_pl.data.corpus.speech import CorpusError, fft_friendly_length
+from lyra_pl.data.corpus.speech import CorpusError
 from lyra_pl.data.corpus.text import (COLORS, IMAGE_ANSWERS, SHAPES, WORDS, asr_sentences,
                                       text_qa_pairs)
 from lyra_pl.data.corpus.units import dedup, kmeans, parse_units, units_to_string
-from lyra_pl.data.media import read_audio
+from lyra_pl.data.media import load_audio
 from lyra_pl.data.tokenizer import TINY_SPECIAL_BASE, TINY_SPECIAL_TOKENS, check_round_trip
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "tiny"
@@ -88,8 +88,8 @@ def test_audio_is_8khz_mono_pcm16():
     for path in wavs:
         with wave.open(str(path)) as w:
             assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (8000, 1, 2), path
-        x, rate = read_audio(path)
-        assert rate == 8000 and len(x) > 0 and np.abs(x).max() > 0.01, path
+        x, info = load_audio(path)
+        assert info.source_rate == 8000 and len(x) > 0 and np.abs(x).max() > 0.01, path
 
 
 def test_stage1_transcripts():
@@ -236,17 +236,6 @@ def test_text_generators():
     assert len({q for q, _ in pairs}) == len(pairs) >= 126
     counts = Counter(balanced("abc", 10, rng))
     assert sorted(counts.values()) == [3, 3, 4]
-
-
-def test_fft_friendly_length():
-    for n in (1, 441, 24725, 99991):
-        m = fft_friendly_length(n, 441)
-        assert m >= n and m % 441 == 0 and m - n < 0.2 * n + 441
-        r = m // 441
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        assert r == 1
 
 
 def test_missing_espeak_is_explained(tmp_path, monkeypatch):

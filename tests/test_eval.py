@@ -8,7 +8,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from lyra_pl.data.media import encode_wav
 from lyra_pl.eval.runner import EvalTask, format_results, metric_dict, prepare_data, results
 from lyra_pl.eval.tasks import (SPEECH, TASKS, TEXT, asr_samples, get_task, score_asr,
                                 score_textvqa, score_videomme, with_spoken_twins)
@@ -23,19 +22,32 @@ def row(key, prediction, gold, variant=None, pair=None, **extra):
 
 # ----------------------------------------------------------------------------- data formats
 def test_librispeech_tree_and_manifest(tmp_path):
-    import numpy as np
+    """A LibriSpeech tree as released (FLAC, encoded here) and both JSON-lines forms."""
+    from lyra_pl.data import encode
 
     chapter = tmp_path / "ls" / "19" / "198"
     chapter.mkdir(parents=True)
-    wav = encode_wav(np.zeros(1600, np.float32), 16000)
-    for utt in ("19-198-0000", "19-198-0001"):
-        (chapter / f"{utt}.wav").write_bytes(wav)
+    for k, utt in enumerate(("19-198-0000", "19-198-0001")):
+        encode.write_audio(chapter / f"{utt}.flac", encode.tone(0.5 + k, 16000), 16000)
     (chapter / "19-198.trans.txt").write_text("19-198-0000 HELLO WORLD\n19-198-0001 GOOD DAY\n")
     samples = asr_samples(tmp_path / "ls")
     assert [s["id"] for s in samples] == ["19-198-0000", "19-198-0001"]
-    assert samples[1]["speech"] == "19/198/19-198-0001.wav"
+    assert samples[1]["speech"] == "19/198/19-198-0001.flac"
     assert samples[1]["conversations"][-1]["value"] == "GOOD DAY"
     assert samples[0]["conversations"][0]["value"].startswith("<speech>\n")
+    # The FLAC files convert into the eval's shards, each clip its full length.
+    shards_dir, report = prepare_data(get_task("asr"), tmp_path / "ls", tmp_path / "cache",
+                                      progress=False)
+    assert report["converted"] == 2 and not report["skipped"]
+    import tarfile
+    from lyra_pl.data.media import audio_tensor
+    from lyra_pl.data.shards import read_manifest
+    clips = {}
+    for url, _ in read_manifest(shards_dir):
+        with tarfile.open(url) as tar:
+            clips.update({m.name: tar.extractfile(m).read() for m in tar if
+                          m.name.endswith(".wav")})
+    assert sorted(len(audio_tensor(v)) for v in clips.values()) == [8000, 24000]
 
     (chapter / "19-198.trans.txt").write_text("19-198-0002 MISSING AUDIO\n")
     with pytest.raises(ValueError, match=r"19-198.trans.txt:1: no audio 19-198-0002"):
@@ -46,11 +58,12 @@ def test_librispeech_tree_and_manifest(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio_filepath": "a/x.wav", "text": "hi", "duration": 1})
                         + "\n\n" + json.dumps({"audio_filepath": "y.wav"}) + "\n")
-    with pytest.raises(ValueError, match=r"m.jsonl:3: .*audio_filepath and text"):
+    with pytest.raises(ValueError, match=r"m.jsonl:3: .*audio_filepath\) and text"):
         asr_samples(manifest)
-    manifest.write_text(json.dumps({"audio_filepath": "a/x.wav", "text": "hi"}) + "\n")
-    assert asr_samples(manifest)[0]["speech"] == "a/x.wav"
-    assert asr_samples(manifest)[0]["id"] == "a_x"  # the path, not just the stem
+    for key in ("audio_filepath", "audio"):  # NeMo's form and the official LibriSpeech one
+        manifest.write_text(json.dumps({key: "a/x.wav", "text": "hi"}) + "\n")
+        assert asr_samples(manifest)[0]["speech"] == "a/x.wav"
+        assert asr_samples(manifest)[0]["id"] == "a_x"  # the path, not just the stem
 
 
 def _empty_dir(tmp_path: Path) -> Path:
@@ -140,7 +153,7 @@ def test_scores_by_hand():
 def test_prepare_data_converts_once(tmp_path):
     task = TASKS["docvqa"]
     shards, report = prepare_data(task, None, tmp_path / "cache", progress=False, limit=5)
-    assert report["converted"] == 5 and not report["skipped"] and not report["failed"]
+    assert report["converted"] == 5 and not report["skipped"]
     stamp = (shards / "manifest.json").stat().st_mtime_ns
     again, _ = prepare_data(task, None, tmp_path / "cache", progress=False, limit=5)
     assert again == shards and (shards / "manifest.json").stat().st_mtime_ns == stamp

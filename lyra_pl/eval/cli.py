@@ -208,7 +208,7 @@ def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank
         shards, report = prepare_data_once(
             task, args.data, args.out / name / "data", rank == 0,
             _broadcast if world > 1 else lambda obj: obj, limit=args.limit)
-        not_converted = report.get("skipped", []) + report.get("failed", [])
+        not_converted = report.get("skipped", [])
         dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer),
                             batch_size=args.batch_size, max_length=None,
                             expected_ids=dict(module.config.placeholder_ids))

@@ -29,10 +29,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from lyra_pl.data.media import SAMPLE_RATE, encode_wav, read_audio, resample
+from lyra_pl.data.media import SAMPLE_RATE, encode_wav, load_audio
 from lyra_pl.eval.metrics import normalize_answer
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a"}
 GAP_S = 0.3
 
 
@@ -54,8 +54,7 @@ def audio_files(paths: Sequence[str | Path]) -> list[Path]:
 
 def load_clip(path: Path) -> np.ndarray:
     """A file as float32 mono at 16 kHz."""
-    x, rate = read_audio(path)
-    return resample(x, rate, SAMPLE_RATE) if rate != SAMPLE_RATE else x
+    return load_audio(path)[0]
 
 
 def haystack(clips: Sequence[np.ndarray], seconds: float) -> np.ndarray:

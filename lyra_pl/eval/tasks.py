@@ -22,13 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lyra_pl.data.official import ASR_AUDIO_KEYS, ASR_PROMPT, asr_sample
 from lyra_pl.eval import metrics
 
 Sample = dict[str, Any]
 Row = dict[str, Any]
 Scores = dict[str, dict[str, float]]  # group -> metric -> value (every group has "n")
 
-ASR_PROMPT = "Transcribe the speech."
 TEXT, SPEECH = "T+I", "S+I"
 _MEDIA = re.compile(r"<(?:image|video|sound)>")
 
@@ -47,8 +47,8 @@ def read_json_samples(path: Path) -> list[Sample]:
 def asr_samples(path: Path, prompt: str = ASR_PROMPT) -> list[Sample]:
     """ASR samples from a LibriSpeech-format directory (every ``<spk>-<chap>.trans.txt`` below
     it: ``UTTERANCE-ID TRANSCRIPT`` lines, audio ``UTTERANCE-ID.{flac,wav}`` beside it), a
-    JSON-lines manifest (``audio_filepath``, ``text``; NeMo style, paths relative to the
-    manifest), or an official JSON list (returned as is). Media paths are relative to
+    JSON-lines manifest (``audio`` and ``text``, as the official LibriSpeech preparation writes
+    it, or NeMo's ``audio_filepath``; paths relative to the manifest), or an official JSON list (returned as is). Media paths are relative to
     ``path`` (its directory for a file)."""
     if path.is_dir():
         samples = []
@@ -62,7 +62,7 @@ def asr_samples(path: Path, prompt: str = ASR_PROMPT) -> list[Sample]:
                 if found is None or not text:
                     raise ValueError(f"{trans}:{n}: " + ("no transcript" if not text else
                                      f"no audio {utt}.flac or {utt}.wav beside it"))
-                samples.append(_asr_sample(utt, str(found.relative_to(path)), text, prompt))
+                samples.append(asr_sample(utt, str(found.relative_to(path)), text, prompt))
         if not samples:
             raise ValueError(f"{path}: no *.trans.txt files (a LibriSpeech-format tree)")
         return samples
@@ -73,19 +73,14 @@ def asr_samples(path: Path, prompt: str = ASR_PROMPT) -> list[Sample]:
                 continue
             try:
                 entry = json.loads(line)
-                key = str(Path(entry["audio_filepath"]).with_suffix("")).replace("/", "_")
-                samples.append(_asr_sample(key, entry["audio_filepath"], entry["text"], prompt))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: a manifest line needs JSON with audio_filepath "
-                                 f"and text ({type(e).__name__}: {e})") from None
+                audio = next(entry[k] for k in ASR_AUDIO_KEYS if k in entry)
+                key = str(Path(audio).with_suffix("")).replace("/", "_")
+                samples.append(asr_sample(key, audio, entry["text"], prompt))
+            except (json.JSONDecodeError, StopIteration, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: a manifest line needs JSON with audio (or "
+                                 f"audio_filepath) and text ({type(e).__name__}: {e})") from None
         return samples
     return read_json_samples(path)
-
-
-def _asr_sample(key: str, audio: str, text: str, prompt: str) -> Sample:
-    return {"id": key, "speech": audio,
-            "conversations": [{"from": "human", "value": f"<speech>\n{prompt}"},
-                              {"from": "gpt", "value": text}]}
 
 
 def with_spoken_twins(samples: list[Sample]) -> list[Sample]:

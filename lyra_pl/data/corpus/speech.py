@@ -6,7 +6,6 @@ It writes 22050 Hz audio; :func:`synthesize` resamples to the rate asked for.
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 import shutil
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lyra_pl.data.media import decode_audio, resample
+from lyra_pl.data.media import load_audio
 
 ESPEAK = "espeak-ng"
 
@@ -94,20 +93,7 @@ def synthesize(text: str, voice: Voice, rate: int = 8000) -> np.ndarray:
     if proc.returncode != 0 or not proc.stdout:
         raise CorpusError(f"espeak-ng failed (exit {proc.returncode}) on {text!r} with voice "
                            f"{voice.tag}: {proc.stderr.decode(errors='replace').strip()}")
-    x, got = decode_audio(proc.stdout, f"espeak-ng output for {text!r}")
-    # Trailing zeros (trimmed below) give an FFT-friendly length: resampling runs faster.
-    x = np.pad(x, (0, fft_friendly_length(len(x), got // math.gcd(got, rate)) - len(x)))
-    return trim_silence(resample(x, got, rate), rate)
+    x, _ = load_audio(proc.stdout, f"espeak-ng output for {text!r}", rate)
+    return trim_silence(x, rate)
 
 
-def fft_friendly_length(n: int, unit: int) -> int:
-    """The smallest multiple ``unit * m >= n`` with no prime factor of ``m`` above 7."""
-    m = -(-n // unit)
-    while True:
-        r = m
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return unit * m
-        m += 1
