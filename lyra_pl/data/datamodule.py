@@ -1,9 +1,11 @@
 """`LyraDataModule`: converted shards -> batches for the stages, with a resumable position.
 
-Datasets are directories written by ``lyra-pl data convert`` (:mod:`lyra_pl.data.shards`).
-When such a directory is missing and its source JSON is given (``train_source``), the module
-converts it in ``prepare_data`` (once, on rank 0). Relative paths resolve from the current
-directory, else from the repository root, so the shipped configs run from anywhere.
+Datasets are directories written by ``lyra-pl data convert`` (:mod:`lyra_pl.data.shards`),
+or URLs of such folders (``https://``, ``s3://``, ``pipe:`` ...: streamed, or cached in
+``cache_dir``). When a local directory is missing and its source JSON is given
+(``train_source``), the module converts it in ``prepare_data`` (once per node, under a file
+lock). Relative paths resolve from the current directory, else from the repository root, so
+the shipped configs run from anywhere.
 
 Batches are dicts ``{"inputs": LyraInputs, "keys", "position", "skipped"}`` (+ ``units`` /
 ``unit_lengths`` when ``units=True``, + ``answers`` / ``choices`` for prediction); see
@@ -12,6 +14,7 @@ is the module's state, saved in every checkpoint: resuming continues with the ve
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,8 @@ from torch.utils.data import DataLoader
 
 from lyra_pl.data import conversation as conv
 from lyra_pl.data.decode import SampleDecoder
-from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256, read_manifest
+from lyra_pl.data.shards import (MANIFEST, file_sha256, is_url, manifest_source_sha256,
+                                 read_manifest)
 from lyra_pl.data.stream import ShardStream
 from lyra_pl.data.video import VideoProcessor
 
@@ -30,9 +34,12 @@ log = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def resolve_path(path: str | Path) -> Path:
+def resolve_path(path: str | Path) -> Path | str:
     """An absolute path as is; a relative one from the current directory when it exists
-    there, else from the repository root (where ``configs/`` and ``data/`` live)."""
+    there, else from the repository root (where ``configs/`` and ``data/`` live). A URL
+    (:func:`~lyra_pl.data.shards.is_url`) as is, a string (``Path`` would merge its ``//``)."""
+    if is_url(path):
+        return str(path)
     p = Path(path).expanduser()
     if p.is_absolute() or p.exists():
         return p
@@ -60,9 +67,10 @@ class LyraDataModule(L.LightningDataModule):
     """Streams converted shards for training, validation and prediction.
 
     Args:
-        train / val / predict: converted dataset directories (with ``manifest.json``).
+        train / val / predict: converted dataset directories (with ``manifest.json``), or
+            URLs of such folders.
         train_source / val_source / predict_source: official-format JSON files converted into
-            the directories above by ``prepare_data`` when those do not exist yet.
+            the (local) directories above by ``prepare_data`` when those do not exist yet.
         tokenizer: a local Hugging Face tokenizer directory (Qwen2-VL's, or the tiny corpus's).
         batch_size: samples per batch on each rank (dynamic padding to the longest).
         group_batches: batches per length-grouping buffer (larger: less padding, less mixing).
@@ -74,6 +82,8 @@ class LyraDataModule(L.LightningDataModule):
         expected_ids: modality -> placeholder id the model uses (checked against the tokenizer;
             the stage fills it from its LyraConfig).
         samples_per_shard: for conversions done by ``prepare_data``.
+        cache_dir: remote shards are downloaded there once and read from disk (None: they are
+            streamed every epoch). Keyed by URL: clear it when a dataset is re-converted.
     """
 
     def __init__(
@@ -98,6 +108,7 @@ class LyraDataModule(L.LightningDataModule):
         max_pixels: int = 28 * 28 * 256,
         expected_ids: dict[str, int] | None = None,
         samples_per_shard: int = 64,
+        cache_dir: str | None = None,
     ):
         super().__init__()
         if batch_size < 1:
@@ -118,6 +129,7 @@ class LyraDataModule(L.LightningDataModule):
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.expected_ids = expected_ids
         self.samples_per_shard = samples_per_shard
+        self.cache_dir = cache_dir
         self._consumed: tuple[int, int] | None = None  # (epoch, batches) of the last train batch
         self._resume: dict[str, Any] | None = None
         self._epoch: int | None = None  # epoch of the current training iteration
@@ -134,24 +146,34 @@ class LyraDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------ preparation
     def prepare_data(self) -> None:
         """Converts each split whose source JSON is given and whose directory is missing or
-        was converted from a different version of that JSON (the manifest keeps its hash)."""
+        was converted from a different version of that JSON (the manifest keeps its hash).
+        Remote datasets (URLs) are read as they are."""
         from lyra_pl.data.convert import convert
 
         done: set[Path] = set()
         for split, path in self.paths.items():
             source = self.sources[split]
-            if path is None or source is None or resolve_path(path) in done:
+            if path is None or source is None or is_url(path) or resolve_path(path) in done:
                 continue
             src, out = resolve_path(source), resolve_path(path)
             if not src.is_file():
                 raise FileNotFoundError(f"{split}_source {str(src)!r} does not exist "
                                         "(build the tiny corpus with `lyra-pl corpus build`)")
             done.add(out)
-            if (out / MANIFEST).is_file() and manifest_source_sha256(out) == file_sha256(src):
-                continue
-            rank_zero_info(f"converting {src} -> {out}")
-            report = convert(src, out, samples_per_shard=self.samples_per_shard, overwrite=True)
-            rank_zero_info(report.summary())
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # Several nodes (or jobs) may share this directory: one converts, the others wait
+            # for it, then find its manifest fresh and skip.
+            with open(out.with_name(out.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if (out / MANIFEST).is_file() and manifest_source_sha256(out) == file_sha256(src):
+                    continue
+                rank_zero_info(f"converting {src} -> {out}")
+                try:  # an interrupted conversion of this JSON continues where it stopped
+                    report = convert(src, out, samples_per_shard=self.samples_per_shard)
+                except FileExistsError:  # converted from another version of it: redone
+                    report = convert(src, out, samples_per_shard=self.samples_per_shard,
+                                     overwrite=True)
+                rank_zero_info(report.summary())
 
     def _shards(self, split: str) -> list[tuple[str, int]]:
         path = self.paths[split]
@@ -178,7 +200,7 @@ class LyraDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         return ShardStream(self._shards(split), decoder, batch_size, rank=rank, world=world,
                            num_workers=self.num_workers, seed=self.seed, shuffle=shuffle,
-                           group_batches=self.group_batches,
+                           group_batches=self.group_batches, cache_dir=self.cache_dir,
                            collate_kwargs={"image_processor": self._image_processor(),
                                            "video_processor": VideoProcessor(self.min_pixels,
                                                                              self.max_pixels)})
@@ -243,7 +265,7 @@ class LyraDataModule(L.LightningDataModule):
         if changed:
             rank_zero_warn(f"the data order depends on {sorted(changed)}, which changed since the "
                            f"checkpoint ({changed}); epoch {state['epoch']} restarts from its first "
-                           "batch instead of batch {state['batches']}")
+                           f"batch instead of batch {state['batches']}")
             self._resume = {"epoch": state["epoch"], "batches": 0}
             return
         self._resume = {"epoch": state["epoch"], "batches": state["batches"]}

@@ -20,6 +20,9 @@ samples thus yields exactly ceil(n / batch_size) batches, known in advance, whic
 
 Samples that fail to decode are skipped, logged with their key and reason, and reported in
 the batch (``skipped``) for counting; the batch is smaller by that many.
+
+Shards may be URLs (:func:`~lyra_pl.data.shards.open_url`): streamed, or with ``cache_dir``
+downloaded there once and read from disk in every later epoch.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lyra_pl.data.decode import SampleDecoder, SampleError, sample_meta
+from lyra_pl.data.shards import cached_file, is_url, open_url
 from lyra_pl.model.inputs import collate
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,7 @@ class ShardStream(IterableDataset):
     def __init__(self, shards: list[tuple[str, int]], decoder: SampleDecoder, batch_size: int,
                  rank: int = 0, world: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle: bool = True, group_batches: int = 16,
-                 collate_kwargs: dict[str, Any] | None = None):
+                 collate_kwargs: dict[str, Any] | None = None, cache_dir: str | None = None):
         if batch_size < 1 or group_batches < 1:
             raise ValueError(f"batch_size ({batch_size}) and group_batches ({group_batches}) "
                              "must be >= 1")
@@ -97,6 +101,7 @@ class ShardStream(IterableDataset):
         self.shuffle = shuffle
         self.group_batches = group_batches
         self.collate_kwargs = collate_kwargs or {}
+        self.cache_dir = cache_dir
         self.epoch = 0
         self.start = 0
 
@@ -142,9 +147,10 @@ class ShardStream(IterableDataset):
 
     def _raw_batches(self, shards: list[tuple[str, int]], rng: random.Random
                      ) -> Iterator[list[dict[str, Any]]]:
-        import webdataset as wds
+        from webdataset.tariterators import group_by_keys, tar_file_expander
 
-        samples = wds.tarfile_to_samples()(iter([{"url": url} for url, _ in shards]))
+        # webdataset's tarfile_to_samples with our opener, which also knows fsspec's schemes
+        samples = group_by_keys(tar_file_expander(self._sources(shards)))
         buffer: list[dict[str, Any]] = []
         size = self.batch_size * self.group_batches
         for raw in samples:
@@ -154,6 +160,24 @@ class ShardStream(IterableDataset):
                 buffer = []
         if buffer:
             yield from self._group(buffer, rng)
+
+    def _sources(self, shards: list[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+        """Each shard opened when the previous one is read, and closed after it (a curl pipe
+        reports its exit status on close)."""
+        for url, _ in shards:
+            source = self._open(url)
+            try:
+                yield source
+            finally:
+                source["stream"].close()
+
+    def _open(self, url: str) -> dict[str, Any]:
+        if not is_url(url):
+            return {"url": url, "stream": open(url, "rb"), "local_path": url}
+        if self.cache_dir is not None:
+            path = cached_file(url, self.cache_dir)
+            return {"url": url, "stream": open(path, "rb"), "local_path": path}
+        return {"url": url, "stream": open_url(url)}
 
     def _group(self, buffer: list[dict[str, Any]], rng: random.Random
                ) -> Iterator[list[dict[str, Any]]]:

@@ -35,16 +35,16 @@ _GROUP_KEYS = {TEXT: "text_instruction", SPEECH: "speech_instruction",
 def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
                  progress: bool = True, limit: int | None = None) -> tuple[Path, dict[str, Any]]:
     """The task's data as a shard directory, and its conversion report (``{}`` when ``data``
-    already is a shard directory). ``data`` (default: the task's tiny-corpus set) is what
-    :attr:`Task.load` reads; the samples go to ``cache/samples.json`` and are converted into
-    ``cache/shards`` unless that already holds exactly these samples. ``limit``: only the
-    first samples (after any S+I twins are added)."""
+    already is a shard directory, or the URL of one: returned as a string). ``data``
+    (default: the task's tiny-corpus set) is what :attr:`Task.load` reads; the samples go to
+    ``cache/samples.json`` and are converted into ``cache/shards`` unless that already holds
+    exactly these samples. ``limit``: only the first samples (after any S+I twins are added)."""
     from lyra_pl.data.convert import REPORT, convert
     from lyra_pl.data.datamodule import resolve_path
-    from lyra_pl.data.shards import MANIFEST
+    from lyra_pl.data.shards import MANIFEST, is_url
 
     src = resolve_path(data or task.data)
-    if (src / MANIFEST).is_file():
+    if is_url(src) or (src / MANIFEST).is_file():  # a URL can only be a shard folder
         return src, {}
     samples = task.samples(src)[:limit]
     cache = Path(cache)
@@ -60,7 +60,7 @@ def prepare_data(task: Task, data: str | Path | None, cache: str | Path,
     source.write_text(text)
     report = convert(source, shards, media_root=media_root, progress=progress, overwrite=True)
     if not report.converted:
-        first = (report.skipped + report.failed)[0]
+        first = report.skipped[0]
         raise ValueError(f"{task.name}: no sample of {src} could be converted (e.g. "
                          f"{first['id']}: {first['reason']}); see {shards / REPORT}")
     stamp.write_text(key)
