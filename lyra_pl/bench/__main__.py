@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_arguments(p)
     p.set_defaults(run=train.main)
+    from lyra_pl.bench import data
+
+    p = sub.add_parser("data", help="the converter: a 2-hour MP3's time and peak RSS, small "
+                                    "samples with 1 vs N workers", description=data.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_arguments(p)
+    p.set_defaults(run=data.main)
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -8,10 +8,12 @@ cannot be labelled exactly raises ValueError naming the turn; the caller skips a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
-from transformers import PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # annotations only: the converter imports this module without transformers
+    from transformers import PreTrainedTokenizerFast
 
 SYSTEM_PROMPT = "You are a helpful assistant."
 IGNORE = -100  # == lyra_pl.model.assemble.IGNORE; not imported so data code needs no model code
