@@ -18,6 +18,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
     ("pipeline",): ("lyra_pl.training.cli", "pipeline", False),
     ("data", "convert"): ("lyra_pl.data.convert", "main", False),
     ("data", "merge"): ("lyra_pl.data.convert", "merge_main", False),
+    ("data", "example"): ("lyra_pl.data.example", "main", False),
     ("corpus",): ("lyra_pl.data.corpus.build", "main", False),
 }
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "  needle   long-speech needle in a haystack (`lyra-pl needle --ckpt ...`)\n"
         "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards;\n"
         "           `lyra-pl data merge DIR`: join the parts of a --part I/N conversion\n"
+        "           `lyra-pl data example --out DIR`: a small offline release (docs/data.md)\n"
         "  corpus   `lyra-pl corpus build --out data/tiny`: build the tiny corpus (espeak-ng)\n"
         "  bench    benchmarks (see `lyra-pl bench --help`)\n"
         "  info     parameter counts of a preset (`lyra-pl info --preset base [--json]`)\n"

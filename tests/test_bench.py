@@ -19,6 +19,22 @@ def test_bench_kernels_quick(tmp_path):
     assert all(float(r["median_ms"]) > 0 for r in ours)
 
 
+def test_bench_data_small(tmp_path):
+    """A 36 s MP3 and 12 small samples with 1 and 2 workers: every sample converted, the
+    same shards either way, a peak RSS read from the converter process."""
+    rc = main(["data", "--long-hours", "0.01", "--samples", "12", "--work", str(tmp_path / "w"),
+               "--out", str(tmp_path / "o")])
+    assert rc == 0
+    rows = list(csv.DictReader(next((tmp_path / "o").glob("*.csv")).open()))
+    assert [(r["case"], r["workers"], r["converted"]) for r in rows] == [
+        ("long", "1", "1"), ("small", "1", "12"), ("small", "2", "12")]
+    assert rows[1]["shards_sha256"] == rows[2]["shards_sha256"]
+    assert "byte-identical" in rows[2]["note"]
+    assert all(50 < float(r["peak_rss_mib"]) < 2000 for r in rows)
+    info = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert info["cpu_cores"] and len(info["rows"]) == 3
+
+
 def test_bench_prefill_tiny_cpu(tmp_path):
     """Every setting at two lengths; LMME keeps fewer tokens than the baseline, and the
     stricter ratio fewer than the looser one; CSV, JSON and plot written."""

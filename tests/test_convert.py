@@ -67,7 +67,7 @@ GOOD = [
      "tgt_unit": "<sosp><1><22><333><eosp>", "choices": ["a", "b"], "source": "test"},
     {"id": "s1", "conversations": _turns("<speech>"), "speech": ["a8.wav"]},
     {"id": "s2", "conversations": _turns("<video> and <sound>"), "video": "frames",
-     "sound": "dog.ogg"},
+     "sound": "dog.ogg", "video_title": "a dog", "image_id": 5},  # media-like names, no paths
     {"id": 7, "conversations": _turns("<speech> then <speech>", "two") + _turns("more?"),
      "speech": "a.flac", "long_speech": "long.flac", "speech_asr": ["first", "second"]},
     {"id": LONG_ID, "conversations": _turns("text only")},
@@ -155,7 +155,7 @@ def test_real_files_and_official_conventions(release, tmp_path):
         for word in words:
             assert word in reasons[len(GOOD) + i], (i, reasons[len(GOOD) + i])
     assert report.resampled == {8000: 1, 44100: 3, 48000: 2, 22050: 1}
-    assert report.unknown_keys == {"choices": 1, "source": 1}
+    assert report.unknown_keys == {"choices": 1, "source": 1, "video_title": 1, "image_id": 1}
 
     members = _members(out)
     keys = {name.split(".", 1)[0] for name in members}

@@ -143,6 +143,33 @@ def test_eval_every_task_on_the_final_export(pipeline_run):
         a.path for a in client.list_artifacts(run.info.run_id, "eval")}
 
 
+def test_eval_asr_on_a_librispeech_flac_tree(pipeline_run):
+    """`lyra-pl eval --task asr --data TREE` on a LibriSpeech-layout tree of FLAC files (the
+    tiny set's clips re-encoded here as LibriSpeech ships them): every utterance scored."""
+    from lyra_pl.data import encode, media
+
+    cwd, _ = pipeline_run
+    src = ROOT / "data/tiny/eval/librispeech"
+    tree = cwd / "LibriSpeech" / "test-clean"
+    trans = sorted(src.rglob("*.trans.txt"))[:1]
+    n = 0
+    for t in trans:
+        chapter = tree / t.parent.relative_to(src)
+        chapter.mkdir(parents=True)
+        lines = t.read_text().splitlines()[:4]
+        (chapter / t.name).write_text("\n".join(lines) + "\n")
+        for line in lines:
+            utt = line.split(" ", 1)[0]
+            x, info = media.load_audio(t.parent / f"{utt}.wav")
+            encode.write_audio(chapter / f"{utt}.flac", x, media.SAMPLE_RATE)
+            n += 1
+    export = cwd / "runs" / "tiny" / "stage4_speech_gen" / "export"
+    lyra_pl(["eval", "--task", "asr", "--data", str(tree), "--ckpt", str(export),
+             "--out", "runs/eval_flac"], cwd)
+    record = json.loads((cwd / "runs/eval_flac/asr/results.json").read_text())
+    assert record["scores"]["all"]["n"] == n == 4 and 0 <= record["scores"]["all"]["wer"]
+
+
 def test_eval_under_torchrun_matches_one_process(pipeline_run):
     """`torchrun --nproc_per_node 2 -m lyra_pl.cli eval`: two processes, a model copy each,
     deal out the batches; rank 0 writes what one process with the same batch size writes."""

@@ -40,12 +40,13 @@ MEDIA_FIELDS = ("image", "video", "speech", "long_speech", "sound")
 KNOWN_FIELDS = frozenset(("id", "conversations", "speech_asr", "tgt_unit") + MEDIA_FIELDS)
 ASR_PROMPT = "Transcribe the speech."
 ASR_AUDIO_KEYS = ("audio", "audio_filepath")  # the official LibriSpeech JSONL; NeMo manifests
-# An unknown key with one of these words in its name, or whose value is a path with a media
-# suffix, is a misspelled media field: converting without it would silently drop the media.
+# An unknown key holding a path with a media suffix, or a path under a name with one of these
+# words, is a misspelled media field: converting without it would silently drop the media.
 _MEDIA_WORDS = re.compile(r"audio|image|img|video|speech|sound|wav|voice|frame|picture|photo|"
                           r"clip|mp3|flac|movie", re.I)
 _MEDIA_SUFFIX = re.compile(r"\.(wav|flac|mp3|ogg|opus|m4a|aac|webm|mp4|mov|mkv|avi|png|jpe?g|"
                            r"webp|bmp|gif)$", re.I)
+_PATH_LIKE = re.compile(r"[/\\]|\.\w{2,4}$")
 _UNITS = re.compile(r"\s*(?:<sosp>)?\s*((?:<\d+>\s*)+)(?:<eosp>)?\s*")
 
 # The "length" estimate (only for length-grouped batching).
@@ -238,13 +239,15 @@ def _sample_id(sample: dict[str, Any]) -> str | int:
 
 
 def _check_keys(sample: dict[str, Any]) -> list[str]:
-    """Unknown keys; one that looks like media is an error."""
+    """Unknown keys; one that looks like a media field is an error: a path with a media
+    suffix, or a path-like string under a media-like name (``audio``, ``images``, ...)."""
     unknown = sorted(k for k in sample if k not in KNOWN_FIELDS)
     for k in unknown:
         value = sample[k]
-        values = value if isinstance(value, list) else [value]
-        if _MEDIA_WORDS.search(k) or any(isinstance(v, str) and _MEDIA_SUFFIX.search(v.strip())
-                                         for v in values):
+        paths = [v.strip() for v in (value if isinstance(value, list) else [value])
+                 if isinstance(v, str)]
+        if any(_MEDIA_SUFFIX.search(v) for v in paths) or (
+                _MEDIA_WORDS.search(k) and any(_PATH_LIKE.search(v) for v in paths)):
             raise InvalidSample(f"unknown key {k!r} looks like media; the media keys are "
                                 f"{', '.join(MEDIA_FIELDS)} (rename it, or the media would be "
                                 "dropped)")
