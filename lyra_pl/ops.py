@@ -136,7 +136,7 @@ def lcmr_loss(
     temperature: float = 0.06,
     normalize: Normalize = "length_sum",
 ) -> Tensor:
-    """Latent cross-modality regularizer (SPEC.md): per-sample soft-DTW alignment cost between
+    """Latent cross-modality regularizer (docs/method.md): per-sample soft-DTW alignment cost between
     projected speech tokens and the LLM's embeddings of the transcript.
 
     ``D[l, s] = -log softmax_s(speech_l . text_s / temperature)`` with the softmax over each
@@ -260,7 +260,7 @@ def context_scores(
     scale: float | None = None,
 ) -> Tensor:
     """Attention probability each token receives from the instruction tokens, averaged over
-    the query heads and the instruction rows (SPEC.md, LMME), without materializing the
+    the query heads and the instruction rows (docs/method.md, LMME), without materializing the
     attention matrix.
 
     Args:

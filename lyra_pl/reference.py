@@ -19,7 +19,7 @@ def soft_dtw(
     gamma: float = 0.1,
     bandwidth: int | None = None,
 ) -> Tensor:
-    """Soft-DTW by the recursion of SPEC.md, one anti-diagonal of the whole batch at a time."""
+    """Soft-DTW by the recursion of docs/method.md, one anti-diagonal of the whole batch at a time."""
     B, Lmax, Smax = D.shape
     dev = D.device
     # Unreachable cells hold a large finite value instead of +inf: exp(-FAR / gamma) is exactly

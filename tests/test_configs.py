@@ -39,7 +39,7 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     assert isinstance(objs.datamodule, LyraDataModule)
     assert objs.datamodule.paths["train"] and objs.datamodule.paths["val"]
     assert cfg.trainer.max_epochs >= 1
-    if path.parent.name != "tiny":  # official hyperparameters (SPEC.md)
+    if path.parent.name != "tiny":  # official hyperparameters (docs/method.md)
         lr = {1: 1e-3, 2: 2e-4, 3: 1e-4, 4: 2e-4}[stage_no]
         assert objs.model.lr == lr
         gbs = {1: 256, 2: 128, 3: 32, 4: 32}[stage_no]

@@ -1,5 +1,5 @@
 """Prefill time, decode speed and peak memory of the decoder with and without LMME: the
-paper's Table 4a (SPEC.md) on our code.
+paper's Table 4a (docs/method.md) on our code.
 
 A model of the preset's shape with random weights (cost does not depend on them) prefills one
 prompt of N tokens: a short system text, N - 80 context tokens (speech) and a 64-token text

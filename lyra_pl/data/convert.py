@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--speech-folder", type=Path, default=None,
                         help="root of 'speech', 'long_speech' and 'sound' paths (the official "
                              "--speech_folder)")
-    parser.add_argument("--samples-per-shard", type=int, default=256)
+    parser.add_argument("--samples-per-shard", type=int, default=256,
+                        help="consecutive input samples per shard (default: 256)")
     parser.add_argument("--prefix", default="shard", help="shard file name prefix")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes (default: the cores); shards are identical for any")
@@ -447,10 +448,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="I/N: convert the I-th of N interleaved slices of the input "
                              "(then lyra-pl data merge DIR)")
     parser.add_argument("--max-skipped", type=float, default=0.01,
-                        help="fail when more than this fraction of samples is skipped")
-    parser.add_argument("--video-fps", type=float, default=media.VIDEO_FPS)
-    parser.add_argument("--video-max-frames", type=int, default=media.VIDEO_MAX_FRAMES)
-    parser.add_argument("--video-max-pixels", type=int, default=media.VIDEO_MAX_PIXELS)
+                        help="fail (exit 1, no manifest) when more than this fraction of "
+                             "the samples is skipped (default: 0.01)")
+    parser.add_argument("--video-fps", type=float, default=media.VIDEO_FPS,
+                        help="frames a second taken from video files (default: 2, Qwen2-VL's)")
+    parser.add_argument("--video-max-frames", type=int, default=media.VIDEO_MAX_FRAMES,
+                        help="at most this many frames a video, spread over it (default: 768)")
+    parser.add_argument("--video-max-pixels", type=int, default=media.VIDEO_MAX_PIXELS,
+                        help="larger frames are scaled down to this many pixels (default: "
+                             "768*28*28, Qwen2-VL's)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier conversion in --out (default: continue it)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -8,7 +8,7 @@
 | ``videomme`` | official JSON with a video, ``options`` and the ``answer`` letter | multiple-choice accuracy |
 | ``sound_caption`` | official JSON with a sound clip and ``references`` | BLEU-4 and ROUGE-L (torchmetrics) |
 
-Every task reads official-format samples (SPEC.md "Data format"; extra fields are kept), which
+Every task reads official-format samples (docs/method.md, "Data format"; extra fields are kept), which
 ``lyra-pl eval`` converts into the training shard format before running the model. A row to
 score is ``{"key", "variant", "prediction", "answer", "extra"}``: ``answer`` the held-out last
 turn, ``extra`` the sample's extra fields.

@@ -258,7 +258,7 @@ class LyraConfig:
 
 # Shapes of Qwen2-VL-2B / 7B / 72B (LLM + ViT) and of the Whisper encoders: whisper-large-v3-turbo
 # (Mini) and whisper-large-v3 (Base, Pro) share the encoder shape (d 1280, 32 layers, 20 heads).
-# The speech generator is two Qwen2-VL-2B-shaped layers for every size (SPEC.md: 2 layers; their
+# The speech generator is two Qwen2-VL-2B-shaped layers for every size (docs/method.md: 2 layers; their
 # width need not grow with the LLM), fed through a projection from the LLM's hidden size.
 _WHISPER_LARGE = dict(audio_dim=1280, audio_layers=32, audio_heads=20, audio_ffn_dim=5120,
                       num_mel_bins=128, audio_window_batch=16)

@@ -2,7 +2,7 @@
 
 For each speech clip that has a transcript: soft-DTW alignment cost between the clip's projected
 speech tokens and the LLM's input embeddings of its transcript (``lyra_pl.ops.lcmr_loss``,
-SPEC.md), batched over clips with their true lengths, averaged over those clips.
+docs/method.md), batched over clips with their true lengths, averaged over those clips.
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ from typing import Any
 
 GIB = 2**30
 STAGE_SEQ_LEN = {1: 2048, 2: 8192, 3: 131072, 4: 16384}
-"""Default ``--seq-len`` per stage: the stage's max length in SPEC.md."""
+"""Default ``--seq-len`` per stage: the stage's max length in docs/method.md."""
 STAGE_LORA_RANK = {1: 0, 2: 64, 3: 128, 4: 0}
 STAGE_TRAINABLE = {
     1: "speech projector",

@@ -1,4 +1,4 @@
-"""The four training stages of Lyra (SPEC.md, "Training stages"), one LightningModule each on a
+"""The four training stages of Lyra (docs/method.md, "Training stages"), one LightningModule each on a
 shared base, :class:`LyraStage`.
 
 | stage | class | trainable | lr | model defaults |

@@ -6,7 +6,7 @@
 Speech is spoken by espeak-ng, images are drawn with PIL, sound events are synthesized with
 numpy, stage-4 unit targets come from k-means over frame features. All audio is stored as
 8 kHz mono PCM16 WAV to keep the corpus small (the converter resamples to 16 kHz). The same
-seed gives the same files, byte for byte. Layout and contents: SPEC.md "Data format" and the
+seed gives the same files, byte for byte. Layout and contents: docs/method.md, "Data format" and the
 README.md written next to the JSON files.
 """
 from __future__ import annotations
@@ -519,7 +519,7 @@ def readme(info: dict[str, Any]) -> str:
     words = "each with" if words == 1 else f"{words:.0%} of them with"
     return f"""# The tiny Lyra corpus
 
-A small synthetic corpus in the official Lyra JSON format (SPEC.md "Data format") for the
+A small synthetic corpus in the official Lyra JSON format (docs/method.md, "Data format") for the
 four training stages of the `tiny` preset. Generated, not collected: rebuild it byte for byte
 (same espeak-ng version) with
 
