@@ -46,3 +46,29 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
         world = 8 * (4 if path.parent.name == 'pro' else 1)  # as written in the file
         assert objs.datamodule.batch_size * cfg.trainer.accumulate_grad_batches * world == gbs
         assert objs.model.warmup_ratio == (0.09 if stage_no == 4 else 0.03)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name in ("tiny", "base")],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_output_follows_the_run_folder(path, tmp_path, monkeypatch):
+    """`--trainer.default_root_dir` on the command line moves checkpoints and the MLflow
+    logger's files (the resolved config) with it: before, `${trainer.default_root_dir}` in
+    the YAML was resolved when the file was read, so they stayed in the YAML's folder and
+    `--ckpt_path last` found another run's checkpoint there."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    cli = LyraCLI(args=["--config", str(path), "--trainer.accelerator=cpu", "--trainer.devices=1",
+                        "--trainer.num_nodes=1", "--trainer.default_root_dir=runs/dev3"],
+                  run=False)
+    root = (tmp_path / "runs" / "dev3").resolve()
+    assert [Path(cb.dirpath) for cb in cli.trainer.checkpoint_callbacks] == [root / "checkpoints"]
+    assert Path(cli.trainer.logger.save_dir).resolve() == root
+    assert Path(cli.trainer.log_dir).resolve() == root  # where TrackConfig writes config.yaml
+    # What Lightning's ckpt_path="last" looks at: this run's folder only.
+    (root / "checkpoints").mkdir(parents=True)
+    (root / "checkpoints" / "last.ckpt").write_bytes(b"")
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    found = cli.trainer._checkpoint_connector._parse_ckpt_path(
+        TrainerFn.FITTING, "last", model_provided=True, model_connected=False)
+    assert Path(found) == root / "checkpoints" / "last.ckpt"

@@ -4,7 +4,10 @@
 The stage classes and :class:`~lyra_pl.data.datamodule.LyraDataModule` are the config schema:
 ``model: {class_path: lyra_pl.training.stages.JointSFTStage, init_args: {...}}``, ``data:``
 the data module's arguments, ``trainer:`` Lightning's. YAML goes through omegaconf, so values
-may interpolate others (``${trainer.default_root_dir}``).
+may interpolate others; but every output of a run (checkpoints, config, MLflow files, export,
+eval) derives from ``trainer.default_root_dir`` when the trainer is built
+(:func:`bind_run_folder`), not by interpolation, which is resolved when the YAML is read,
+before ``--trainer.default_root_dir`` on the command line overrides it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
-from lyra_pl.training.tracking import TrackConfig
+from lyra_pl.training.tracking import LyraMLFlowLogger, TrackConfig
 
 STAGE_FILES = {0: "stage0_base_vlm", 1: "stage1_speech_align", 2: "stage2_joint_sft", 3: "stage3_long_speech",
                4: "stage4_speech_gen"}
@@ -31,6 +34,26 @@ class LyraCLI(LightningCLI):
             save_config_callback=TrackConfig, save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
             args=args, run=run)
+
+    def instantiate_trainer(self, **kwargs):
+        return bind_run_folder(super().instantiate_trainer(**kwargs))
+
+
+def bind_run_folder(trainer):
+    """Gives the outputs a config leaves unset this run's folder, ``trainer.default_root_dir``
+    as finally set: checkpoints in ``<root>/checkpoints`` (so ``--ckpt_path last`` resumes
+    this run, never another one's), the MLflow logger's local files (the resolved config) in
+    ``<root>``. The export and eval callbacks read it themselves at the end of the run."""
+    import os
+
+    root = Path(trainer.default_root_dir)
+    for callback in trainer.checkpoint_callbacks:
+        if callback.dirpath is None:
+            callback.dirpath = os.path.realpath(root / "checkpoints")
+    for logger in trainer.loggers:
+        if isinstance(logger, LyraMLFlowLogger) and logger.local_dir is None:
+            logger.local_dir = str(root)
+    return trainer
 
 
 def config_path(preset: str, stage: int) -> Path:

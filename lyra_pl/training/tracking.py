@@ -31,8 +31,8 @@ def default_tracking_uri() -> str:
 class LyraMLFlowLogger(MLFlowLogger):
     """MLFlowLogger with a local default store; uploads metric plots when the run finishes.
 
-    ``save_dir``: a local directory for the run's files (the configs set it to the stage's
-    ``default_root_dir``)."""
+    ``save_dir``: a local directory for the run's files; unset, the CLI gives it the run's
+    ``trainer.default_root_dir`` (:func:`lyra_pl.training.cli.bind_run_folder`)."""
 
     def __init__(self, experiment_name: str = "lyra_pl", run_name: str | None = None,
                  tracking_uri: str | None = None, tags: dict[str, Any] | None = None,
@@ -42,14 +42,14 @@ class LyraMLFlowLogger(MLFlowLogger):
                          tracking_uri=tracking_uri or default_tracking_uri(), tags=tags,
                          log_model=log_model, artifact_location=artifact_location)
         self.plots = plots
-        self._local_dir = save_dir
+        self.local_dir = save_dir
 
     @property
     def save_dir(self) -> str:
         """Where local files of the run go (Lightning writes the CLI's config.yaml there):
         ``save_dir`` if given, else MLflow's own directory for ``file:`` stores, else ".".
         The tracking store itself is ``tracking_uri``."""
-        return self._local_dir or super().save_dir or "."
+        return self.local_dir or super().save_dir or "."
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
