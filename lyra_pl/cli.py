@@ -36,12 +36,23 @@ def close_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["--version"], ["-V"]):
+        from lyra_pl import __version__
+
+        print(f"lyra-pl {__version__}")
+        return 0
     for words, (module, function, keep) in COMMANDS.items():
         if tuple(argv[:len(words)]) == words:
             run = getattr(importlib.import_module(module), function)
             status = run(argv if keep else argv[len(words):])
             close_process_group()
             return status
+    if argv and argv[0] not in ("-h", "--help"):
+        known = sorted(" ".join(words) for words in COMMANDS)
+        wrong = " ".join(argv[:2]) if argv[0] == "data" else argv[0]
+        print(f"lyra-pl: unknown command {wrong!r} (commands: {', '.join(known)}; "
+              "lyra-pl --help)", file=sys.stderr)
+        return 2
     print(
         "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,data,corpus,bench,info,plan} "
         "[options]\n\n"
