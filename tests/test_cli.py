@@ -15,3 +15,43 @@ def test_unknown_command_says_so(capsys):
     err = capsys.readouterr().err
     assert "unknown command 'data conv'" in err and "data convert" in err
     assert cli.main(["--help"]) == 0 and "usage: lyra-pl" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- early errors
+def _fit_error(args, tmp_path, monkeypatch, capsys) -> str:
+    """`lyra-pl fit ARGS` in an empty directory: exit 2, one line, no MLflow run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert cli.main(["fit", *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    return lines[0]
+
+
+def test_missing_stage_exports_are_one_line_before_anything_starts(tmp_path, monkeypatch,
+                                                                   capsys):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stage2 = str(root / "configs/tiny/stage2_joint_sft.yaml")
+    err = _fit_error(["--config", stage2], tmp_path, monkeypatch, capsys)
+    assert "--model.init_args.qwen2vl: runs/tiny/stage0_base_vlm/export/qwen2vl does not " \
+           "exist" in err and "lyra-pl pipeline --preset tiny --stages 0" in err
+    (tmp_path / "q").mkdir()
+    err = _fit_error(["--config", stage2, f"--model.init_args.qwen2vl={tmp_path / 'q'}",
+                      f"--model.init_args.whisper={tmp_path / 'q'}"], tmp_path, monkeypatch,
+                     capsys)
+    assert "--model.init_args.init_from: runs/tiny/stage1_speech_align/export" in err
+    assert "--stages 0,1" in err
+
+    stage0 = str(root / "configs/tiny/stage0_base_vlm.yaml")
+    err = _fit_error(["--config", stage0, "--data.train=nowhere/train",
+                      "--data.train_source=null"], tmp_path, monkeypatch, capsys)
+    assert "--data.train: nowhere/train holds no converted dataset" in err
+    err = _fit_error(["--config", stage0, "--data.tokenizer=no/tok"], tmp_path, monkeypatch,
+                     capsys)
+    assert "--data.tokenizer: no/tok is not a tokenizer directory" in err
+    err = _fit_error(["--config", stage0, "--ckpt_path=old/last.ckpt"], tmp_path, monkeypatch,
+                     capsys)
+    assert "--ckpt_path: old/last.ckpt does not exist" in err

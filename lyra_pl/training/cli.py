@@ -12,6 +12,7 @@ before ``--trainer.default_root_dir`` on the command line overrides it.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
+from lyra_pl.training.preflight import RunInputError, check_run
 from lyra_pl.training.tracking import LyraMLFlowLogger, TrackConfig
 
 STAGE_FILES = {0: "stage0_base_vlm", 1: "stage1_speech_align", 2: "stage2_joint_sft", 3: "stage3_long_speech",
@@ -29,11 +31,19 @@ class LyraCLI(LightningCLI):
     """LightningCLI over the four stages and the shard data module."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
+        self.check_inputs = run  # run=False only builds the objects (tests, tools): no checks
         super().__init__(
             LyraStage, LyraDataModule, subclass_mode_model=True,
             save_config_callback=TrackConfig, save_config_kwargs={"overwrite": True},
             parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
             args=args, run=run)
+
+    def before_instantiate_classes(self) -> None:
+        """Every input the run needs is checked before anything is built (no process group,
+        no MLflow run): a missing one is one line, not a late traceback."""
+        if self.check_inputs:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            check_run(config.as_dict(), self.subcommand)
 
     def instantiate_trainer(self, **kwargs):
         return bind_run_folder(super().instantiate_trainer(**kwargs))
@@ -102,15 +112,20 @@ def pipeline(argv: list[str]) -> int:
         LyraCLI(cli_args + extra)
         timings.append((f"{STAGE_FILES[stage]} {subcommand}", time.perf_counter() - t0))
 
-    for stage in stages:
-        out = root / STAGE_FILES[stage]
-        print(f"\n=== stage {stage}: {STAGE_FILES[stage]} -> {out}", flush=True)
-        run("fit", stage, out, previous if stage > 1 else None)
-        if stage >= 1:
-            previous = out / "export"
-        if stage == 2 and not args.no_eval:
-            print(f"\n=== stage 2 evaluation: held-out questions -> {out / 'eval'}", flush=True)
-            run("predict", stage, out, previous)
+    try:
+        for stage in stages:
+            out = root / STAGE_FILES[stage]
+            print(f"\n=== stage {stage}: {STAGE_FILES[stage]} -> {out}", flush=True)
+            run("fit", stage, out, previous if stage > 1 else None)
+            if stage >= 1:
+                previous = out / "export"
+            if stage == 2 and not args.no_eval:
+                print(f"\n=== stage 2 evaluation: held-out questions -> {out / 'eval'}",
+                      flush=True)
+                run("predict", stage, out, previous)
+    except RunInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n" + "\n".join(f"{name:<32}{sec:8.1f} s" for name, sec in timings))
     print(f"{'total':<32}{sum(s for _, s in timings):8.1f} s")
     return 0
@@ -125,5 +140,9 @@ def _has_config(preset: str, stage: int) -> bool:
 
 
 def main(argv: list[str]) -> int:
-    LyraCLI(argv)
+    try:
+        LyraCLI(argv)
+    except RunInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -1,0 +1,67 @@
+"""What a stage run needs, checked before anything starts (no distributed set-up, no MLflow
+run, no model build): the checkpoints and exports it loads, its data, its tokenizer and the
+checkpoint it resumes. Each problem is one line that says what to do; :class:`LyraCLI` calls
+:func:`check_run` on the parsed config and ``lyra-pl`` prints the first problem and exits 2.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+# runs/<preset>/<stage name>/export...: an output of an earlier stage of the pipeline.
+_STAGE_OUTPUT = re.compile(r"runs/(?P<preset>[^/]+)/stage(?P<stage>\d)_[a-z_]+/export")
+
+
+class RunInputError(ValueError):
+    """A stage's input that is missing or unusable (one line saying what to do)."""
+
+
+def _hint(path: str) -> str:
+    """How to make ``path`` when it is an earlier stage's export, else how to point at one."""
+    m = _STAGE_OUTPUT.search(Path(path).as_posix())
+    if m is None:
+        return "point it at an existing directory"
+    preset, stage = m["preset"], int(m["stage"])
+    first = 0 if preset == "tiny" else 1
+    stages = ",".join(str(s) for s in range(first, stage + 1))
+    return (f"it is stage {stage}'s export: run `lyra-pl pipeline --preset {preset} --stages "
+            f"{stages}` first (with the same --root / default_root_dir), or point it elsewhere")
+
+
+def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
+    """Raises :class:`RunInputError` for the first missing input of a parsed LightningCLI
+    config (the subcommand's part)."""
+    from lyra_pl.data.datamodule import resolve_path
+    from lyra_pl.data.shards import MANIFEST, is_url
+
+    model = dict((config.get("model") or {}).get("init_args") or {})
+    for key in ("qwen2vl", "whisper", "init_from"):
+        path = model.get(key)
+        if path is not None and not Path(path).is_dir():
+            raise RunInputError(f"--model.init_args.{key}: {path} does not exist; "
+                                f"{_hint(str(path))}")
+    data = dict(config.get("data") or {})
+    tokenizer = data.get("tokenizer")
+    if tokenizer is not None and not resolve_path(tokenizer).is_dir():
+        raise RunInputError(f"--data.tokenizer: {tokenizer} is not a tokenizer directory "
+                            "(a local Hugging Face tokenizer, e.g. the Qwen2-VL checkpoint's)")
+    splits = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}
+    for split in splits.get(subcommand or "fit", ()):
+        path, source = data.get(split), data.get(f"{split}_source")
+        if path is None or is_url(path):
+            continue  # a URL's manifest is read (with a timeout) when the data is set up
+        if (resolve_path(path) / MANIFEST).is_file():
+            continue
+        if source is not None and resolve_path(source).is_file():
+            continue  # prepare_data converts it
+        because = (f"and its source {source} does not exist" if source is not None else
+                   f"and no --data.{split}_source is given to convert it from")
+        raise RunInputError(f"--data.{split}: {path} holds no converted dataset ({MANIFEST}) "
+                            f"{because}; convert it with `lyra-pl data convert` "
+                            "(docs/data.md)")
+    ckpt = config.get("ckpt_path")
+    if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and \
+            not Path(ckpt).exists():
+        raise RunInputError(f"--ckpt_path: {ckpt} does not exist (or use --ckpt_path last to "
+                            "resume this run folder's last checkpoint)")
