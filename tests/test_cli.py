@@ -1,4 +1,6 @@
 """The `lyra-pl` entry point: its version, and a one-line error for an unknown command."""
+import pytest
+
 from lyra_pl import __version__, cli
 
 
@@ -55,3 +57,32 @@ def test_missing_stage_exports_are_one_line_before_anything_starts(tmp_path, mon
     err = _fit_error(["--config", stage0, "--ckpt_path=old/last.ckpt"], tmp_path, monkeypatch,
                      capsys)
     assert "--ckpt_path: old/last.ckpt does not exist" in err
+
+
+def test_a_config_typo_is_one_line_naming_the_closest_key(tmp_path, capsys):
+    from pathlib import Path
+
+    stage0 = str(Path(__file__).resolve().parents[1] / "configs/tiny/stage0_base_vlm.yaml")
+    cases = {
+        "--model.init_args.lrr=1": "--model.init_args.lrr: no such stage argument; did you "
+                                   "mean --model.init_args.lr?",
+        "--model.init_args.lora_rr=3": "did you mean --model.init_args.lora_r?",
+        "--trainer.max_stepz=1": "--trainer.max_stepz: no such option; did you mean "
+                                 "--trainer.max_steps?",
+        "--data.batch_sise=3": "did you mean --data.batch_size?",
+        "--model.init_args.lr=abc": "--model.init_args.lr: expected a float, got 'abc'",
+    }
+    for arg, words in cases.items():
+        with pytest.raises(SystemExit) as exit:  # the parser's exit, status 2
+            cli.main(["fit", "--config", stage0, arg])
+        assert exit.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines()
+               if line.startswith("error:")]
+        assert len(err) == 1 and words in err[0], (arg, err)
+    # In the YAML file too.
+    typo = tmp_path / "typo.yaml"
+    text = Path(stage0).read_text()
+    typo.write_text(text.replace("    preset: tiny\n", "    preset: tiny\n    lrr: 1\n"))
+    with pytest.raises(SystemExit):
+        cli.main(["fit", "--config", str(typo)])
+    assert "did you mean --model.init_args.lr?" in capsys.readouterr().err

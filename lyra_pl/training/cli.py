@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
@@ -27,6 +27,61 @@ STAGE_FILES = {0: "stage0_base_vlm", 1: "stage1_speech_align", 2: "stage2_joint_
                4: "stage4_speech_gen"}
 
 
+class LyraArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line: a misspelled option names the closest
+    valid one, instead of the whole usage with the message buried in a Union explanation."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        sys.stderr.write(f"error: {short_error(message, self)}\n")
+        self.exit(2)
+
+
+def short_error(message: str, parser) -> str:
+    """One line for a jsonargparse error: the offending option, and the closest valid one."""
+    import difflib
+    import inspect
+    import re
+
+    from lyra_pl.training.stages import STAGES
+
+    m = re.search(r"[Oo]ption '([^']+)' is not accepted|Key \"([^\"]+)\" is not expected", message)
+    if m and 'Parser key "model"' in message:  # an unknown argument of the stage class
+        key = m.group(1) or m.group(2)
+        known = sorted({n for cls in STAGES.values() for c in cls.__mro__
+                        if "__init__" in vars(c)
+                        for n in inspect.signature(c.__init__).parameters if n != "self"})
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean --model.init_args.{close[0]}?" if close else ""
+        return f"--model.init_args.{key}: no such stage argument{hint} (--help lists them)"
+    m = re.search(r"[Uu]nrecognized arguments: (.*)", message)
+    if m:
+        known = _options(parser)
+        given = [t.split("=", 1)[0] for t in m.group(1).split() if t.startswith("--")]
+        arg = next((t for t in given if t not in known), given[0] if given else m.group(1))
+        close = difflib.get_close_matches(arg, sorted(known), n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{arg}: no such option{hint} (--help lists them)"
+    keys = re.findall(r'Parser key "([^"]+)":', message)
+    m = re.search(r"Expected (a|an) <class '(\w+)'>\. Got value: (\S+)", message)
+    if keys and m:  # a value of the wrong type
+        key = keys[-1]
+        option = f"--model.init_args.{key}" if keys[0] == "model" and key != "model" else \
+            f"--{key}"
+        return f"{option}: expected {m.group(1)} {m.group(2)}, got {m.group(3)!r}"
+    return " ".join(message.split())
+
+
+def _options(parser) -> set[str]:
+    """Every option string of a parser and of its subcommands' parsers."""
+    found = {o for o in parser._option_string_actions if o.startswith("--")}
+    action = getattr(parser, "_subcommands_action", None)
+    for sub in (action._name_parser_map.values() if action is not None else ()):
+        found |= _options(sub)
+    return found
+
+
 class LyraCLI(LightningCLI):
     """LightningCLI over the four stages and the shard data module."""
 
@@ -35,7 +90,8 @@ class LyraCLI(LightningCLI):
         super().__init__(
             LyraStage, LyraDataModule, subclass_mode_model=True,
             save_config_callback=TrackConfig, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"parser_mode": "omegaconf"}, auto_configure_optimizers=False,
+            parser_kwargs={"parser_mode": "omegaconf"}, parser_class=LyraArgumentParser,
+            auto_configure_optimizers=False,
             args=args, run=run)
 
     def before_instantiate_classes(self) -> None:
