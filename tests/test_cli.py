@@ -47,6 +47,11 @@ def test_missing_stage_exports_are_one_line_before_anything_starts(tmp_path, mon
     assert "--model.init_args.init_from: runs/tiny/stage1_speech_align/export" in err
     assert "--stages 0,1" in err
 
+    # A config path relative to the repository works from any directory, like data paths.
+    err = _fit_error(["--config", "configs/tiny/stage1_speech_align.yaml"], tmp_path,
+                     monkeypatch, capsys)
+    assert "--model.init_args.qwen2vl: runs/tiny/stage0_base_vlm" in err
+
     stage0 = str(root / "configs/tiny/stage0_base_vlm.yaml")
     err = _fit_error(["--config", stage0, "--data.train=nowhere/train",
                       "--data.train_source=null"], tmp_path, monkeypatch, capsys)

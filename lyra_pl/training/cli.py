@@ -195,9 +195,26 @@ def _has_config(preset: str, stage: int) -> bool:
         return False
 
 
+def resolve_configs(argv: list[str]) -> list[str]:
+    """``--config FILE`` / ``-c FILE`` / ``--config=FILE`` resolved like data paths: from the
+    working directory when it is there, else from the repository (``configs/...``)."""
+    from lyra_pl.data.datamodule import resolve_path
+
+    out, take = [], False
+    for arg in argv:
+        if take:
+            arg, take = str(resolve_path(arg)), False
+        elif arg in ("--config", "-c"):
+            take = True
+        elif arg.startswith("--config="):
+            arg = "--config=" + str(resolve_path(arg.split("=", 1)[1]))
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str]) -> int:
     try:
-        LyraCLI(argv)
+        LyraCLI(resolve_configs(argv))
     except RunInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
