@@ -91,3 +91,24 @@ def test_a_config_typo_is_one_line_naming_the_closest_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["fit", "--config", str(typo)])
     assert "did you mean --model.init_args.lr?" in capsys.readouterr().err
+
+
+def test_a_run_says_where_it_writes_and_what_it_reads(tmp_path, monkeypatch, caplog):
+    import logging
+    from pathlib import Path
+
+    from lyra_pl.training.cli import LyraCLI, print_run_summary
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = Path(__file__).resolve().parents[1]
+    built = LyraCLI(["--config", str(root / "configs/tiny/stage0_base_vlm.yaml"),
+                     "--trainer.default_root_dir=runs/x"], run=False)
+    with caplog.at_level(logging.INFO):
+        print_run_summary(built.trainer, built.datamodule)
+    text = caplog.text
+    assert f"run folder   {tmp_path.resolve() / 'runs/x'}" in text
+    assert f"checkpoints  {tmp_path.resolve() / 'runs/x/checkpoints'}" in text
+    assert f"MLflow       sqlite:///{tmp_path / 'mlflow.db'}  experiment 'lyra_pl-tiny', run " \
+        in text
+    assert "data train   " in text and ("samples)" in text or "converted from" in text)

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
+from lyra_pl.training import known_warnings
 from lyra_pl.training.preflight import RunInputError, check_run
 from lyra_pl.training.tracking import LyraMLFlowLogger, TrackConfig
 
@@ -101,6 +102,9 @@ class LyraCLI(LightningCLI):
             config = self.config[self.subcommand] if self.subcommand else self.config
             check_run(config.as_dict(), self.subcommand)
 
+    def before_fit(self) -> None:
+        print_run_summary(self.trainer, self.datamodule)
+
     def instantiate_trainer(self, **kwargs):
         return bind_run_folder(super().instantiate_trainer(**kwargs))
 
@@ -147,6 +151,7 @@ def pipeline(argv: list[str]) -> int:
                              "has a stage-0 config, else 1,2,3,4)")
     parser.add_argument("--no-eval", action="store_true", help="skip the stage-2 evaluation")
     args, extra = parser.parse_known_args(argv)
+    known_warnings.silence()
     root = Path(args.root or f"runs/{args.preset}")
     if args.stages:
         stages = [int(s) for s in args.stages.split(",")]
@@ -195,6 +200,34 @@ def _has_config(preset: str, stage: int) -> bool:
         return False
 
 
+def print_run_summary(trainer, datamodule) -> None:
+    """Where this run writes and what it reads, once, before the Trainer starts."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    lines = [f"run folder   {Path(trainer.default_root_dir).resolve()}"]
+    lines += [f"checkpoints  {cb.dirpath}" for cb in trainer.checkpoint_callbacks]
+    for logger in trainer.loggers:
+        if isinstance(logger, LyraMLFlowLogger):
+            lines.append(f"MLflow       {logger._tracking_uri}  experiment "
+                         f"{logger._experiment_name!r}, run {logger.run_id}")
+    for split, path in getattr(datamodule, "paths", {}).items():
+        if path is not None:
+            lines.append(f"data {split:<7} {_dataset_line(path, datamodule.sources[split])}")
+    rank_zero_info("\n".join(lines))
+
+
+def _dataset_line(path: str, source: str | None) -> str:
+    from lyra_pl.data.datamodule import resolve_path
+    from lyra_pl.data.shards import read_manifest
+
+    where = resolve_path(path)
+    try:
+        shards = read_manifest(where)
+    except (OSError, ValueError):
+        return f"{where} (converted from {resolve_path(source)} first)" if source else str(where)
+    return f"{where} ({len(shards)} shards, {sum(n for _, n in shards)} samples)"
+
+
 def resolve_configs(argv: list[str]) -> list[str]:
     """``--config FILE`` / ``-c FILE`` / ``--config=FILE`` resolved like data paths: from the
     working directory when it is there, else from the repository (``configs/...``)."""
@@ -213,6 +246,7 @@ def resolve_configs(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    known_warnings.silence()
     try:
         LyraCLI(resolve_configs(argv))
     except RunInputError as e:

@@ -301,7 +301,8 @@ class LyraStage(L.LightningModule):
         on_step = prefix == "train"
         for name, value in metrics.items():
             self.log(f"{prefix}/{name}", value, batch_size=inputs.batch_size, on_step=on_step,
-                     on_epoch=not on_step, sync_dist=not on_step)
+                     on_epoch=not on_step, sync_dist=not on_step,
+                     prog_bar=on_step and name in ("loss", "lcmr"))  # on the progress bar
         return loss, out
 
     def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor:
@@ -321,7 +322,7 @@ class LyraStage(L.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.log("train/lr", lr, batch_size=split_batch(batch)[0].batch_size, on_step=True,
-                     on_epoch=False)
+                     on_epoch=False, prog_bar=True)
         return loss
 
     def validation_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:

@@ -1,0 +1,27 @@
+"""The third-party warnings every run printed that say nothing about the run, silenced in this
+one place (by exact message, so any other warning still shows). ``lyra-pl fit|validate|
+predict|pipeline`` call :func:`silence` before the Trainer starts."""
+from __future__ import annotations
+
+import warnings
+
+# (message regex, why it is benign here)
+KNOWN = (
+    (r"LightningCLI's args parameter is intended to run from within Python",
+     "lyra-pl hands LightningCLI its own argv (with --config paths resolved)"),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+     "inside Lightning's own pytree helper"),
+    (r"Your `IterableDataset` has `__len__` defined",
+     "ShardStream's length is exact for every worker (computed from the manifest)"),
+    (r"DTensor random operators may not have complete support on cpu device mesh",
+     "the stages initialize weights before sharding; no random op runs on DTensors"),
+    (r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+     r"`LightningDataModule`", "the stage's own transfer is the one meant"),
+    (r"Detected an existing checkpoint in .*, overwriting since self.overwrite=True",
+     "last.ckpt is rewritten on purpose"),
+)
+
+
+def silence() -> None:
+    for message, _ in KNOWN:
+        warnings.filterwarnings("ignore", message=message)
