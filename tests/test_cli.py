@@ -21,13 +21,14 @@ def test_unknown_command_says_so(capsys):
 
 # ----------------------------------------------------------------------------- early errors
 def _fit_error(args, tmp_path, monkeypatch, capsys) -> str:
-    """`lyra-pl fit ARGS` in an empty directory: exit 2, one line, no MLflow run."""
+    """`lyra-pl fit ARGS` in a directory: exit 2, one line, no MLflow run, nothing written."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = sorted(tmp_path.rglob("*"))
     assert cli.main(["fit", *args]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, lines
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert not (tmp_path / "mlflow.db").exists() and sorted(tmp_path.rglob("*")) == before
     return lines[0]
 
 
@@ -112,3 +113,25 @@ def test_a_run_says_where_it_writes_and_what_it_reads(tmp_path, monkeypatch, cap
     assert f"MLflow       sqlite:///{tmp_path / 'mlflow.db'}  experiment 'lyra_pl-tiny', run " \
         in text
     assert "data train   " in text and ("samples)" in text or "converted from" in text)
+
+
+def test_a_new_run_is_refused_in_an_earlier_runs_folder(tmp_path, monkeypatch, capsys):
+    """Before, a second run in the folder wrote last-v1.ckpt beside the first run's last.ckpt
+    and the next `--ckpt_path last` restored the other run."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stage0 = str(root / "configs/tiny/stage0_base_vlm.yaml")
+    (tmp_path / "runs/x/checkpoints").mkdir(parents=True)
+    (tmp_path / "runs/x/checkpoints/last.ckpt").write_bytes(b"")
+    err = _fit_error(["--config", stage0, "--trainer.default_root_dir=runs/x"], tmp_path,
+                     monkeypatch, capsys)
+    assert "runs/x already holds an earlier run's checkpoints (last.ckpt, ...): resume it " \
+           "with --ckpt_path last, start over in it with --overwrite" in err
+
+    from lyra_pl.training.preflight import check_run
+
+    config = {"trainer": {"default_root_dir": str(tmp_path / "runs/x")}}
+    check_run({**config, "ckpt_path": "last"}, "fit")  # resuming it: fine
+    check_run({**config, "overwrite": True}, "fit")  # starting over: fine
+    check_run(config, "validate")  # not a new training run

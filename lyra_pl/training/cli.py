@@ -95,6 +95,11 @@ class LyraCLI(LightningCLI):
             auto_configure_optimizers=False,
             args=args, run=run)
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--overwrite", action="store_true",
+                            help="start a new run in a run folder that holds an earlier run's "
+                                 "checkpoints (default: refused; --ckpt_path last resumes it)")
+
     def before_instantiate_classes(self) -> None:
         """Every input the run needs is checked before anything is built (no process group,
         no MLflow run): a missing one is one line, not a late traceback."""
@@ -103,6 +108,8 @@ class LyraCLI(LightningCLI):
             check_run(config.as_dict(), self.subcommand)
 
     def before_fit(self) -> None:
+        if self.config["fit"].get("overwrite") and self.config["fit"].get("ckpt_path") is None:
+            remove_checkpoints(self.trainer)
         print_run_summary(self.trainer, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
@@ -150,6 +157,8 @@ def pipeline(argv: list[str]) -> int:
                         help="comma-separated, in order (default: 0,1,2,3,4 where the preset "
                              "has a stage-0 config, else 1,2,3,4)")
     parser.add_argument("--no-eval", action="store_true", help="skip the stage-2 evaluation")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="run again over an earlier pipeline run in the same --root")
     args, extra = parser.parse_known_args(argv)
     known_warnings.silence()
     root = Path(args.root or f"runs/{args.preset}")
@@ -164,6 +173,8 @@ def pipeline(argv: list[str]) -> int:
     def run(subcommand: str, stage: int, out: Path, init_from: Path | None) -> None:
         cli_args = [subcommand, "--config", str(config_path(args.preset, stage)),
                     f"--trainer.default_root_dir={out}"]
+        if args.overwrite and subcommand == "fit":
+            cli_args.append("--overwrite")
         if init_from is not None:
             cli_args.append(f"--model.init_args.init_from={init_from}")
         if stage > 0 and 0 in stages:  # this run's own base model, not the config's default
@@ -198,6 +209,20 @@ def _has_config(preset: str, stage: int) -> bool:
         return True
     except FileNotFoundError:
         return False
+
+
+def remove_checkpoints(trainer) -> None:
+    """``--overwrite``: the earlier run's checkpoints go (files, or folders of distributed
+    checkpoints), so this run's ``last.ckpt`` is not versioned beside them. Rank 0 only, before
+    any process group exists (no other rank reads them: nothing resumes)."""
+    import os
+    import shutil
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        for path in Path(callback.dirpath).glob("*.ckpt") if callback.dirpath else ():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def print_run_summary(trainer, datamodule) -> None:

@@ -1,6 +1,7 @@
 """What a stage run needs, checked before anything starts (no distributed set-up, no MLflow
 run, no model build): the checkpoints and exports it loads, its data, its tokenizer and the
-checkpoint it resumes. Each problem is one line that says what to do; :class:`LyraCLI` calls
+checkpoint it resumes, and that a new run does not land in the folder of an earlier one (whose
+``last.ckpt`` a later ``--ckpt_path last`` would confuse with its own). Each problem is one line that says what to do; :class:`LyraCLI` calls
 :func:`check_run` on the parsed config and ``lyra-pl`` prints the first problem and exits 2.
 """
 from __future__ import annotations
@@ -61,6 +62,13 @@ def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
                             f"{because}; convert it with `lyra-pl data convert` "
                             "(docs/data.md)")
     ckpt = config.get("ckpt_path")
+    root = Path((config.get("trainer") or {}).get("default_root_dir") or ".")
+    earlier = sorted((root / "checkpoints").glob("*.ckpt")) if subcommand == "fit" else []
+    if earlier and ckpt is None and not config.get("overwrite"):
+        raise RunInputError(f"{root} already holds an earlier run's checkpoints "
+                            f"({earlier[0].name}, ...): resume it with --ckpt_path last, start "
+                            "over in it with --overwrite, or choose another "
+                            "--trainer.default_root_dir")
     if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") and \
             not Path(ckpt).exists():
         raise RunInputError(f"--ckpt_path: {ckpt} does not exist (or use --ckpt_path last to "
