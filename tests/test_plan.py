@@ -167,3 +167,39 @@ def test_cli_bad_arguments(capsys, argv, msg):
         P.main(argv)
     assert e.value.code != 0
     assert msg in capsys.readouterr().err
+
+
+def test_plan_from_a_stage_config_with_a_verdict(capsys):
+    """--config takes preset, stage, nodes, GPUs, seq_len, micro-batch, sharding, LMME and
+    activation checkpointing from the file; the same numbers as the flags spelled out."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    settings = P.settings_from_config(str(root / "configs/base/stage3_long_speech.yaml"))
+    assert settings == {"preset": "base", "stage": 3, "nodes": 1, "gpus_per_node": 8,
+                        "seq_len": 131072, "micro_batch": 1, "sharding": "full",
+                        "lmme": (4, 0.7), "activation_checkpointing": True}
+    pro = P.settings_from_config(str(root / "configs/pro/stage2_joint_sft.yaml"))
+    assert (pro["nodes"], pro["micro_batch"], pro["sharding"], pro["lmme"]) == \
+        (4, 4, "hybrid", None)
+
+    assert cli.main(["plan", "--config", "configs/pro/stage2_joint_sft.yaml", "--json"]) == 0
+    from_config = json.loads(capsys.readouterr().out)
+    assert cli.main(["plan", "--preset", "pro", "--stage", "2", "--nodes", "4",
+                     "--gpus-per-node", "8", "--seq-len", "8192", "--micro-batch", "4",
+                     "--sharding", "hybrid", "--json"]) == 0
+    spelled = json.loads(capsys.readouterr().out)
+    assert from_config["total_checkpointed"] == spelled["total_checkpointed"]
+    gib = from_config["total_checkpointed"] / 2**30
+    assert from_config["verdict"] == (
+        f"{'fits' if gib <= 80 else 'does NOT fit'} in 80 GiB per GPU with activation "
+        f"checkpointing, as the config sets (estimate {gib:,.1f} GiB)")
+    # A flag overrides the file; --gpu-memory sets the bar.
+    assert cli.main(["plan", "--config", "configs/pro/stage2_joint_sft.yaml", "--micro-batch",
+                     "1", "--gpu-memory", "1000"]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith("Fits in 1000 GiB per GPU with activation checkpointing, as the "
+                           "config sets (estimate ")
+    p1 = P.estimate(LyraConfig.from_preset("pro"), 2, 4, 8, 8192, 1, "hybrid", None)
+    assert P.verdict(p1, 1000, True).startswith("fits in 1000 GiB per GPU")
+    assert "does NOT fit" in P.verdict(p1, 1, None) and "with it" in P.verdict(p1, 1, None)

@@ -1,6 +1,8 @@
 """Per-GPU memory ESTIMATE for a training stage (parameters, gradients, optimizer, activations).
 
-``lyra-pl plan --preset pro --nodes 4 --gpus-per-node 8 --seq-len 8192 [--stage 2] [--json]``
+``lyra-pl plan --preset pro --nodes 4 --gpus-per-node 8 --seq-len 8192 [--stage 2] [--json]``,
+or ``lyra-pl plan --config configs/pro/stage2_joint_sft.yaml [--gpu-memory 80]`` (every setting
+from the stage config), each ending with whether it fits a GPU of ``--gpu-memory`` GiB.
 
 Arithmetic only: nothing is allocated or measured. The model it assumes is the one
 :mod:`lyra_pl.training.parallelize` builds (FSDP2 ``fully_shard`` per decoder layer, each
@@ -373,45 +375,118 @@ def _parse_lmme(text: str) -> tuple[int, float]:
     return n, rho
 
 
+STAGE_CLASSES = {"SpeechAlignStage": 1, "JointSFTStage": 2, "LongSpeechStage": 3,
+                 "SpeechGenStage": 4}
+
+
+def settings_from_config(path: str) -> dict[str, Any]:
+    """What a stage config sets that the estimate depends on: preset, stage, nodes, GPUs per
+    node, sequence length (``data.max_length``), micro-batch, sharding, LMME (the stage's
+    defaults under ``model_overrides``) and activation checkpointing."""
+    from omegaconf import OmegaConf
+
+    from lyra_pl.data.datamodule import resolve_path
+    from lyra_pl.training.stages import STAGES
+
+    cfg = OmegaConf.to_container(OmegaConf.load(resolve_path(path)), resolve=False)
+    model, data, trainer = cfg.get("model", {}), cfg.get("data", {}), cfg.get("trainer", {})
+    name = str(model.get("class_path", "")).rsplit(".", 1)[-1]
+    if name not in STAGE_CLASSES:
+        raise ValueError(f"{path}: model.class_path {model.get('class_path')!r} is not a stage "
+                         f"the estimate covers ({', '.join(STAGE_CLASSES)})")
+    stage, init = STAGE_CLASSES[name], model.get("init_args", {})
+    lyra = {**STAGES[stage].model_defaults, **(init.get("model_overrides") or {})}
+    devices = trainer.get("devices", 1)
+    return {"preset": init.get("preset"), "stage": stage,
+            "nodes": int(trainer.get("num_nodes", 1)),
+            "gpus_per_node": devices if isinstance(devices, int) else 1,
+            "seq_len": data.get("max_length") or STAGE_SEQ_LEN[stage],
+            "micro_batch": int(data.get("batch_size", 1)),
+            "sharding": "hybrid" if init.get("hybrid_shard") else "full",
+            "lmme": ((int(lyra["lmme_blocks"]), float(lyra.get("lmme_keep_ratio", 0.7)))
+                     if lyra.get("lmme_blocks") else None),
+            "activation_checkpointing": bool(init.get("activation_checkpointing"))}
+
+
+def verdict(plan: MemoryPlan, gpu_gib: float, checkpointed: bool | None) -> str:
+    """Whether the estimate fits a GPU of ``gpu_gib``: with the config's activation
+    checkpointing setting, or (None) with and without."""
+    def one(total: int, how: str) -> str:
+        fits = total <= gpu_gib * GIB
+        return (f"{'fits' if fits else 'does NOT fit'} in {gpu_gib:g} GiB per GPU {how} "
+                f"(estimate {total / GIB:,.1f} GiB)")
+
+    if checkpointed is None:
+        return "; ".join((one(plan.total, "without activation checkpointing"),
+                          one(plan.total_checkpointed, "with it")))
+    return one(plan.total_checkpointed if checkpointed else plan.total,
+               "with activation checkpointing, as the config sets" if checkpointed else
+               "without activation checkpointing, as the config sets")
+
+
 def main(argv: list[str] | None = None) -> int:
     from lyra_pl.model.config import PRESETS, LyraConfig
 
     parser = argparse.ArgumentParser(
         prog="lyra-pl plan",
         description="Per-GPU memory estimate (params, grads, optimizer, activations with and "
-                    "without checkpointing) of a training stage. Computed, not measured.")
-    parser.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    parser.add_argument("--stage", type=int, default=2, choices=sorted(STAGE_TRAINABLE))
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8)
+                    "without checkpointing) of a training stage. Computed, not measured. "
+                    "--config takes every setting from a stage config; flags override it.")
+    parser.add_argument("--config", default=None,
+                        help="a stage config (configs/<preset>/<stage>.yaml)")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS))
+    parser.add_argument("--stage", type=int, default=None, choices=sorted(STAGE_TRAINABLE),
+                        help="default 2")
+    parser.add_argument("--nodes", type=int, default=None, help="default 1")
+    parser.add_argument("--gpus-per-node", type=int, default=None, help="default 8")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="tokens per sample (default: the stage's max length, "
                              + ", ".join(f"{s}: {n}" for s, n in STAGE_SEQ_LEN.items()) + ")")
-    parser.add_argument("--micro-batch", type=int, default=1)
-    parser.add_argument("--sharding", choices=SHARDINGS, default="hybrid",
-                        help="hybrid: shard within a node, replicate across nodes; full: shard "
-                             "over all GPUs")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default 1")
+    parser.add_argument("--sharding", choices=SHARDINGS, default=None,
+                        help="hybrid (default): shard within a node, replicate across nodes; "
+                             "full: shard over all GPUs")
     parser.add_argument("--lmme", type=_parse_lmme, default=None, metavar="N,RHO")
     parser.add_argument("--context-fraction", type=float, default=0.9,
                         help="share of tokens that are context (LMME prunes only those)")
     parser.add_argument("--answer-fraction", type=float, default=1.0,
                         help="share of positions with a loss (default 1.0, an upper bound)")
+    parser.add_argument("--gpu-memory", type=float, default=80.0,
+                        help="GiB per GPU for the fits / does-not-fit verdict (default 80)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
+    given = {"preset": args.preset, "stage": args.stage, "nodes": args.nodes,
+             "gpus_per_node": args.gpus_per_node, "seq_len": args.seq_len,
+             "micro_batch": args.micro_batch, "sharding": args.sharding, "lmme": args.lmme}
+    settings: dict[str, Any] = {"stage": 2, "nodes": 1, "gpus_per_node": 8, "micro_batch": 1,
+                                "sharding": "hybrid", "activation_checkpointing": None}
+    if args.config is not None:
+        try:
+            settings.update(settings_from_config(args.config))
+        except (OSError, ValueError) as e:
+            parser.error(str(e))
+    settings.update({k: v for k, v in given.items() if v is not None})
+    if settings.get("preset") not in PRESETS:
+        parser.error(f"--preset (or --config) is required; one of {sorted(PRESETS)}")
     for name in ("nodes", "gpus_per_node", "micro_batch"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.seq_len is not None and args.seq_len < 1:
-        parser.error(f"--seq-len must be >= 1, got {args.seq_len}")
-    seq_len = args.seq_len if args.seq_len is not None else STAGE_SEQ_LEN[args.stage]
+        if settings[name] < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
+    seq_len = settings.get("seq_len") or STAGE_SEQ_LEN[settings["stage"]]
+    if seq_len < 1:
+        parser.error(f"--seq-len must be >= 1, got {seq_len}")
     try:
         plan = estimate(
-            LyraConfig.from_preset(args.preset), args.stage, args.nodes, args.gpus_per_node,
-            seq_len, args.micro_batch, args.sharding, args.lmme,
-            context_fraction=args.context_fraction, answer_fraction=args.answer_fraction)
+            LyraConfig.from_preset(settings["preset"]), settings["stage"], settings["nodes"],
+            settings["gpus_per_node"], seq_len, settings["micro_batch"], settings["sharding"],
+            settings.get("lmme"), context_fraction=args.context_fraction,
+            answer_fraction=args.answer_fraction)
     except ValueError as e:
         parser.error(str(e))
-    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan))
+    fit = verdict(plan, args.gpu_memory, settings["activation_checkpointing"])
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "gpu_memory_gib": args.gpu_memory, "verdict": fit}))
+    else:
+        print(format_plan(plan) + "\n\n" + fit[0].upper() + fit[1:])
     return 0
 
 
