@@ -5,60 +5,28 @@ uninterrupted run would have seen."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tarfile
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from PIL import Image
 
-from lyra_pl.data import media
-from lyra_pl.data.convert import convert
 from lyra_pl.data.datamodule import LyraDataModule
 from lyra_pl.data.shards import read_manifest
-from lyra_pl.data.tokenizer import build_tiny_tokenizer
 from lyra_pl.model.assemble import IGNORE
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.training.stages import SpeechAlignStage
 
-COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
 N = 37  # not a multiple of the batch size or the shard size
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> dict[str, Path]:
+def dataset(tmp_path_factory, color_dataset) -> dict[str, Path]:
     """37 samples (image + spoken question + transcript, or text only) in shards of 5."""
-    root = tmp_path_factory.mktemp("ds")
-    rng = np.random.default_rng(0)
-    samples, texts = [], []
-    for i in range(N):
-        color = COLORS[i % len(COLORS)]
-        img = Image.new("RGB", (56, 28 + 14 * (i % 3)), color)
-        img.save(root / f"img{i}.png")
-        question = f"What color is picture number {i}?"
-        texts.append(question + " " + color)
-        sample = {"id": f"s{i:02d}", "image": f"img{i}.png",
-                  "conversations": [{"from": "human", "value": "<image>\n" + question},
-                                    {"from": "gpt", "value": color}]}
-        if i % 2:
-            seconds = 0.5 + (i % 4) * 0.3
-            clip = (rng.standard_normal(int(16000 * seconds)) * 0.1).astype(np.float32)
-            (root / f"q{i}.wav").write_bytes(media.encode_wav(clip))
-            sample.update(speech=f"q{i}.wav", speech_asr=question)
-            sample["conversations"][0]["value"] = "<image>\n<speech>"
-        samples.append(sample)
-    (root / "data.json").write_text(json.dumps(samples))
-    corpus = texts * 20 + ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                           "<|im_start|>user\n", "abcdefghijklmnopqrstuvwxyz " * 30,
-                           " ".join(str(k) for k in range(300))]
-    build_tiny_tokenizer(corpus, root / "tokenizer")
-    convert(root / "data.json", root / "shards", samples_per_shard=5, progress=False)
-    return {"root": root, "shards": root / "shards", "tokenizer": root / "tokenizer"}
+    return color_dataset(tmp_path_factory.mktemp("ds"), N, samples_per_shard=5)
 
 
 def module(ds, **kw) -> LyraDataModule:
@@ -83,7 +51,7 @@ def test_batch_contents(dataset):
         n = int(inputs.lengths[b])
         labels = inputs.labels[b, :n]
         answer = tok.decode(labels[labels != IGNORE])
-        assert answer == COLORS[i % len(COLORS)] + "<|im_end|>"  # answer + its end token only
+        assert answer == dataset["answers"][key] + "<|im_end|>"  # answer + its end token only
         assert (inputs.input_ids[b, :n] == 502).sum() == i % 2  # one <speech> when spoken
     if inputs.speech is not None:  # transcripts for LCMR, one per clip
         assert inputs.transcript_ids.shape[0] == len(inputs.speech)

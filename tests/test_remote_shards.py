@@ -5,7 +5,6 @@ once naming its URL, and a stage trains on the served shards."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import socket
 import subprocess
 import sys
@@ -15,49 +14,20 @@ import urllib.request
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
-from PIL import Image
 
-from lyra_pl.data import media
-from lyra_pl.data.convert import convert
 from lyra_pl.data.datamodule import LyraDataModule, resolve_path
 from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256, read_manifest
-from lyra_pl.data.tokenizer import build_tiny_tokenizer
 from lyra_pl.training.stages import SpeechAlignStage
 
-COLORS = ["red", "green", "blue", "yellow"]
 N = 13  # shards of 4: the last one short
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> dict[str, Path]:
+def dataset(tmp_path_factory, color_dataset) -> dict[str, Path]:
     """13 samples (image + question, every other one spoken) in shards of 4, as in
     test_datamodule.py."""
-    root = tmp_path_factory.mktemp("remote")
-    rng = np.random.default_rng(0)
-    samples, texts = [], []
-    for i in range(N):
-        color = COLORS[i % len(COLORS)]
-        Image.new("RGB", (56, 28 + 14 * (i % 3)), color).save(root / f"img{i}.png")
-        question = f"What color is picture number {i}?"
-        texts.append(question + " " + color)
-        sample = {"id": f"s{i:02d}", "image": f"img{i}.png",
-                  "conversations": [{"from": "human", "value": "<image>\n" + question},
-                                    {"from": "gpt", "value": color}]}
-        if i % 2:
-            clip = (rng.standard_normal(int(16000 * 0.6)) * 0.1).astype(np.float32)
-            (root / f"q{i}.wav").write_bytes(media.encode_wav(clip))
-            sample.update(speech=f"q{i}.wav", speech_asr=question)
-            sample["conversations"][0]["value"] = "<image>\n<speech>"
-        samples.append(sample)
-    (root / "data.json").write_text(json.dumps(samples))
-    corpus = texts * 20 + ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                           "<|im_start|>user\n", "abcdefghijklmnopqrstuvwxyz " * 30,
-                           " ".join(str(k) for k in range(300))]
-    build_tiny_tokenizer(corpus, root / "tokenizer")
-    convert(root / "data.json", root / "shards", samples_per_shard=4, progress=False)
-    return {"root": root, "shards": root / "shards", "tokenizer": root / "tokenizer"}
+    return color_dataset(tmp_path_factory.mktemp("remote"), N, samples_per_shard=4)
 
 
 def free_port() -> int:
