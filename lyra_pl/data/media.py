@@ -225,9 +225,9 @@ def audio_tensor(data: bytes, name: str = "audio") -> "Tensor":
 
 
 # ----------------------------------------------------------------------------- images
-def check_image(data: bytes, name: str = "image") -> str:
+def check_image(data: bytes, name: str = "image") -> tuple[str, int, int]:
     """Verifies that ``data`` is a decodable image; returns the file extension to store it
-    under (png, jpg, ...). Raises MediaError otherwise."""
+    under (png, jpg, ...) and its width and height. Raises MediaError otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -241,7 +241,7 @@ def check_image(data: bytes, name: str = "image") -> str:
         raise MediaError(f"{name}: empty image {w}x{h}")
     if fmt not in IMAGE_FORMATS:
         raise MediaError(f"{name}: unsupported image format {fmt}")
-    return IMAGE_FORMATS[fmt]
+    return IMAGE_FORMATS[fmt], w, h
 
 
 def _image_reason(e: Exception) -> str:
@@ -363,11 +363,10 @@ def _read_image(data: bytes, name: str):
 
 def _frame_file(path: Path, name: str, options: VideoOptions) -> Frame:
     data = read_bytes(path)
-    ext = check_image(data, name)
-    image = _read_image(data, name)
-    if ext == "jpg" and options.size(*image.size) == image.size:
-        return data, *image.size  # already a JPEG of a usable size: no second lossy encoding
-    return _frame(image, options)
+    ext, w, h = check_image(data, name)
+    if ext == "jpg" and options.size(w, h) == (w, h):
+        return data, w, h  # already a JPEG of a usable size: no second decode or encoding
+    return _frame(_read_image(data, name), options)
 
 
 def _frame(image, options: VideoOptions) -> Frame:

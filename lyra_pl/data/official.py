@@ -26,7 +26,6 @@ counted in the report. Every problem raises :class:`InvalidSample` or
 """
 from __future__ import annotations
 
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -349,14 +348,10 @@ def _named(name: str, fn, *args):
 
 def _image(path: Path, name: str) -> tuple[bytes, str, float]:
     """-> (original bytes, extension, token estimate)."""
-    from PIL import Image
-
     data = _named(name, media.read_bytes, path)
     if not data:
         raise media.MediaError(f"{name}: {path}: empty file")
-    ext = _named(name, media.check_image, data, str(path))
-    with Image.open(io.BytesIO(data)) as im:
-        w, h = im.size
+    ext, w, h = _named(name, media.check_image, data, str(path))
     return data, ext, w * h / IMAGE_PATCH**2
 
 
