@@ -187,7 +187,7 @@ def sample_key_of(sample: Any) -> str | None:
     sid = sample.get("id")
     asr = _asr_fields(sample) if "conversations" not in sample else None
     if sid is None and asr and isinstance(asr[0], str) and asr[0]:
-        sid = _asr_id(asr[0])
+        sid = asr_id(asr[0])
     if isinstance(sid, bool) or not isinstance(sid, (str, int)):
         return None
     try:
@@ -212,7 +212,9 @@ def _asr_fields(sample: dict[str, Any]) -> tuple[Any, Any] | None:
     return None
 
 
-def _asr_id(audio: str) -> str:
+def asr_id(audio: str) -> str:
+    """The id of an ASR line without one: its audio path, not just the stem (two speakers'
+    folders may hold equally named files)."""
     return str(Path(audio).with_suffix("")).replace("/", "_")
 
 
@@ -224,7 +226,7 @@ def from_asr_line(sample: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(text, str) or not text.strip():
         raise InvalidSample("text: missing or empty transcript")
     extra = {k: v for k, v in sample.items() if k not in (*ASR_AUDIO_KEYS, "text", "id")}
-    return {**asr_sample(sample.get("id", _asr_id(audio)), audio, text), **extra}
+    return {**asr_sample(sample.get("id", asr_id(audio)), audio, text), **extra}
 
 
 # ----------------------------------------------------------------------------- checks

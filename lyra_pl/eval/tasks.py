@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lyra_pl.data.official import ASR_AUDIO_KEYS, ASR_PROMPT, asr_sample
+from lyra_pl.data.official import ASR_AUDIO_KEYS, ASR_PROMPT, asr_id, asr_sample
 from lyra_pl.eval import metrics
 
 Sample = dict[str, Any]
@@ -74,8 +74,7 @@ def asr_samples(path: Path, prompt: str = ASR_PROMPT) -> list[Sample]:
             try:
                 entry = json.loads(line)
                 audio = next(entry[k] for k in ASR_AUDIO_KEYS if k in entry)
-                key = str(Path(audio).with_suffix("")).replace("/", "_")
-                samples.append(asr_sample(key, audio, entry["text"], prompt))
+                samples.append(asr_sample(asr_id(audio), audio, entry["text"], prompt))
             except (json.JSONDecodeError, StopIteration, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: a manifest line needs JSON with audio (or "
                                  f"audio_filepath) and text ({type(e).__name__}: {e})") from None
