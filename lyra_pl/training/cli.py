@@ -233,8 +233,8 @@ def print_run_summary(trainer, datamodule) -> None:
     lines += [f"checkpoints  {cb.dirpath}" for cb in trainer.checkpoint_callbacks]
     for logger in trainer.loggers:
         if isinstance(logger, LyraMLFlowLogger):
-            lines.append(f"MLflow       {logger._tracking_uri}  experiment "
-                         f"{logger._experiment_name!r}, run {logger.run_id}")
+            lines.append(f"MLflow       {logger.tracking_uri}  experiment "
+                         f"{logger.experiment_name!r}, run {logger.run_id}")
     for split, path in getattr(datamodule, "paths", {}).items():
         if path is not None:
             lines.append(f"data {split:<7} {_dataset_line(path, datamodule.sources[split])}")

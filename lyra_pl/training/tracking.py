@@ -38,8 +38,10 @@ class LyraMLFlowLogger(MLFlowLogger):
                  tracking_uri: str | None = None, tags: dict[str, Any] | None = None,
                  log_model: bool = False, artifact_location: str | None = None,
                  plots: bool = True, save_dir: str | None = None):
+        self.tracking_uri = tracking_uri or default_tracking_uri()
+        self.experiment_name = experiment_name
         super().__init__(experiment_name=experiment_name, run_name=run_name,
-                         tracking_uri=tracking_uri or default_tracking_uri(), tags=tags,
+                         tracking_uri=self.tracking_uri, tags=tags,
                          log_model=log_model, artifact_location=artifact_location)
         self.plots = plots
         self.local_dir = save_dir
