@@ -1,5 +1,6 @@
 """The shard data module: what a batch holds, every sample once per epoch (any worker count),
-ranks disjoint and in step, corrupt samples skipped and counted, and resuming mid-epoch (in
+training ranks disjoint, equal and in step, every validation sample exactly once on any number
+of ranks, corrupt samples skipped and counted, and resuming mid-epoch (in
 the stream and through a killed Lightning run) continuing with exactly the batches an
 uninterrupted run would have seen."""
 from __future__ import annotations
@@ -70,20 +71,89 @@ def test_every_sample_once_per_epoch(dataset, workers):
     assert again == batches  # deterministic for a seed and epoch
 
 
-def test_ranks_are_disjoint_and_in_step(dataset):
-    dm = module(dataset)
+def rank_streams(dm, split: str, world: int) -> list:
     streams = []
-    for rank in range(2):
-        s = dm.stream("train", True, 4)
-        s.rank, s.world = rank, 2
+    for rank in range(world):
+        s = dm.stream(split, split == "train", 4)
+        s.rank, s.world = rank, world
         streams.append(s)
-    assert len(streams[0]) == len(streams[1])
-    got = [[k for b in s for k in b["keys"]] for s in streams]
-    assert not set(got[0]) & set(got[1])
-    assert len(list(streams[0])) == len(list(streams[1])) == len(streams[0])
-    # what a rank leaves out this epoch is reported, not lost silently
-    total = sum(n for _, n in read_manifest(dataset["shards"]))
-    assert len(got[0]) + len(got[1]) + streams[0].left_out() + streams[1].left_out() >= total
+    return streams
+
+
+def batches_of(stream, workers: int) -> list[dict]:
+    return list(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_training_ranks_get_equal_disjoint_shares(dataset, world):
+    """Each rank trains on N // world samples, disjoint from the others'; the N mod world left
+    over (a different set each epoch) are the only ones left out, and are reported."""
+    dm = module(dataset)
+    for epoch in (0, 1):
+        streams = rank_streams(dm, "train", world)
+        got = []
+        for s in streams:
+            s.epoch = epoch
+            batches = batches_of(s, 0)
+            assert len(batches) == len(s) == len(streams[0])  # in step
+            assert sum(len(b["keys"]) for b in batches) == N // world
+            got += [k for b in batches for k in b["keys"]]
+        assert len(set(got)) == len(got) == N - N % world
+        assert streams[0].left_out() == N % world
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory, color_dataset) -> dict[str, Path]:
+    """The tiny corpus's validation layout in small: two shards."""
+    return color_dataset(tmp_path_factory.mktemp("two"), 10, samples_per_shard=5)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("which", ["two_shards", "dataset"])
+def test_every_validation_sample_once_on_any_number_of_ranks(request, which, world, workers):
+    """Issue 12: ranks split validation by shard and stopped at the smallest share, so two
+    shards gave 0 batches on 3 ranks and 37 samples in shards of 5 lost some on 2 or 3. Now
+    every sample is validated by exactly one rank, and the ranks, padded to the same number of
+    batches (padding batches marked, to be dropped), stay in step."""
+    ds = request.getfixturevalue(which)
+    total = sum(n for _, n in read_manifest(ds["shards"]))
+    dm = module(ds, num_workers=workers)
+    seen, lengths = [], set()
+    for s in rank_streams(dm, "val", world):
+        batches = batches_of(s, workers)
+        lengths.add(len(batches))
+        assert len(batches) == len(s)
+        assert sum(b["padding"] for b in batches) == s.padding_batches()
+        seen += [k for b in batches if not b["padding"] for k in b["keys"]]
+    assert len(lengths) == 1  # the same number of batches on every rank
+    assert sorted(seen) == sorted(f"s{i:02d}" for i in range(total))
+
+
+def test_ranks_without_a_validation_sample_still_take_part(tmp_path, color_dataset):
+    """Two samples on three ranks: one rank validates padding only (so it joins every
+    collective), and the two samples are each validated once."""
+    ds = color_dataset(tmp_path, 2, samples_per_shard=2)
+    streams = rank_streams(module(ds), "val", 3)
+    runs = [batches_of(s, 0) for s in streams]
+    assert [len(r) for r in runs] == [1, 1, 1]
+    assert [[(b["padding"], b["keys"]) for b in r] for r in runs] == [
+        [(True, ["s00"])], [(False, ["s00"])], [(False, ["s01"])]]
+
+
+def test_a_shard_shorter_than_its_manifest_is_an_error(tmp_path, color_dataset):
+    """A shard holding fewer samples than the manifest says would shift every later rank's
+    range (samples read twice or never): the stream stops with the shard named."""
+    ds = color_dataset(tmp_path, 6, samples_per_shard=3)
+    url = read_manifest(ds["shards"])[0][0]
+    src = tarfile.open(url)
+    members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
+    with tarfile.open(url, "w") as dst:
+        for m, data in members:
+            if not m.name.startswith("s02."):
+                dst.addfile(m, io.BytesIO(data))
+    with pytest.raises(RuntimeError, match=f"shard {url} holds 2 samples but the manifest says 3"):
+        batches_of(rank_streams(module(ds), "val", 1)[0], 0)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

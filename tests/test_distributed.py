@@ -320,3 +320,65 @@ def test_eval_task_shares_batches_across_ranks(tmp_path):
     calls = [json.loads((tmp_path / f"calls2_{r}.json").read_text()) for r in (0, 1)]
     assert calls == [[0, 2], [1, 3]]  # 3: batch 2 again, its answers dropped
     assert json.loads((tmp_path / "calls1_0.json").read_text()) == [0, 1, 2]
+
+
+_VALIDATE = textwrap.dedent("""
+    import json, sys, lightning as L
+    from lyra_pl.cli import close_process_group
+    from lyra_pl.data.datamodule import LyraDataModule
+    from lyra_pl.training.parallelize import FSDP2Strategy
+    from lyra_pl.training.stages import SpeechAlignStage
+    devices, shards, tokenizer = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    weights = json.loads(sys.argv[4])
+
+
+    class Seen(L.Callback):  # the samples each rank validates (padding batches aside)
+        keys = []
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx,
+                                      dataloader_idx=0):
+            if not batch["padding"]:
+                self.keys += batch["keys"]
+
+    dm = LyraDataModule(val=shards, tokenizer=tokenizer, batch_size=1)
+    stage = SpeechAlignStage(**weights, param_dtype=None, reduce_dtype=None)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False,
+                        strategy=FSDP2Strategy() if devices > 1 else "auto",
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Seen()])
+    metrics = trainer.validate(stage, datamodule=dm)[0]
+    json.dump({"keys": Seen.keys, "metrics": metrics},
+              open(f"val{devices}_{trainer.global_rank}.json", "w"))
+    close_process_group()
+""")
+
+
+def test_validation_covers_every_sample_once_on_any_number_of_ranks(tmp_path, color_dataset):
+    """Issue 12: ranks split the validation set by shard and stopped at the smallest share, so
+    a rank count that did not divide the shards validated fewer samples (none at all with
+    fewer shards than ranks), silently, and ``sync_dist`` averaged the ranks' means as if
+    they held equal shares. Now, under FSDP2 on 1, 2 and 3 processes, each of 13 samples (5
+    shards) is validated by exactly one rank (on 3: 4, 4 and 5, the first two ranks adding a
+    padding batch), ``val/samples`` says 13 on every rank, and
+    ``val/loss`` (one sample per batch, so the mean of the per-sample losses whatever the
+    split) is the one-process value."""
+    weights = make_weights(tmp_path / "weights")
+    (tmp_path / "data").mkdir()
+    data = color_dataset(tmp_path / "data", 13, samples_per_shard=3)
+    script = tmp_path / "validate.py"
+    script.write_text(_VALIDATE)
+    loss = {}
+    for devices in (1, 2, 3):
+        proc = subprocess.run([sys.executable, str(script), str(devices), str(data["shards"]),
+                               str(data["tokenizer"]), json.dumps(weights)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        ranks = [json.loads((tmp_path / f"val{devices}_{r}.json").read_text())
+                 for r in range(devices)]
+        keys = [k for r in ranks for k in r["keys"]]
+        assert sorted(keys) == [f"s{i:02d}" for i in range(13)], devices  # each once
+        for r in ranks:  # every rank reports the same whole-set numbers
+            assert r["metrics"]["val/samples"] == 13
+            assert r["metrics"] == ranks[0]["metrics"]
+        loss[devices] = ranks[0]["metrics"]["val/loss"]
+    assert loss[2] == pytest.approx(loss[1], rel=1e-5)
+    assert loss[3] == pytest.approx(loss[1], rel=1e-5)

@@ -7,9 +7,10 @@ or URLs of such folders (``https://``, ``s3://``, ``pipe:`` ...: streamed, or ca
 lock). Relative paths resolve from the current directory, else from the repository root, so
 the shipped configs run from anywhere.
 
-Batches are dicts ``{"inputs": LyraInputs, "keys", "position", "skipped"}`` (+ ``units`` /
-``unit_lengths`` when ``units=True``, + ``answers`` / ``choices`` for prediction); see
-:mod:`lyra_pl.data.stream` for the order. The position of the last batch the trainer consumed
+Batches are dicts ``{"inputs": LyraInputs, "keys", "position", "skipped", "padding"}`` (+
+``units`` / ``unit_lengths`` when ``units=True``, + ``answers`` / ``choices`` for prediction);
+see :mod:`lyra_pl.data.stream` for the order and for the padding batches that keep ranks in
+step on validation and prediction sets (the stages drop their results). The position of the last batch the trainer consumed
 is the module's state, saved in every checkpoint: resuming continues with the very next batch.
 """
 from __future__ import annotations
@@ -55,11 +56,13 @@ class _EpochLoader(DataLoader):
         self.module = module
 
     def __iter__(self):
-        self.dataset.epoch, self.dataset.start = self.module._next_epoch_start()
-        left = self.dataset.left_out()
-        if left and self.module.trainer is not None:
-            log.info("rank %d: up to %d samples wait for a later epoch to keep ranks in step",
-                     self.dataset.rank, left)
+        stream = self.dataset
+        stream.epoch, stream.start = self.module._next_epoch_start()
+        trainer = self.module.trainer
+        if stream.left_out() and trainer is not None and trainer.training:
+            rank_zero_info(f"epoch {stream.epoch}: {stream.left_out()} of {stream.total} training "
+                           f"samples wait for a later epoch, so that each of the {stream.world} "
+                           f"ranks gets {stream.total // stream.world}")
         return super().__iter__()
 
 
@@ -189,6 +192,8 @@ class LyraDataModule(L.LightningDataModule):
         return Processor(min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
     def stream(self, split: str, shuffle: bool, batch_size: int) -> ShardStream:
+        """The rank's stream of ``split``. Validation and prediction sets are finite: every
+        sample is read by exactly one rank, and padding batches keep the ranks in step."""
         mode = "prompt" if split == "predict" else "train"
         decoder = SampleDecoder(resolve_path(self.tokenizer), mode=mode,
                                 max_length=self.max_length, system_prompt=self.system_prompt,
@@ -200,6 +205,7 @@ class LyraDataModule(L.LightningDataModule):
             rank, world = self.trainer.global_rank, self.trainer.world_size
         return ShardStream(self._shards(split), decoder, batch_size, rank=rank, world=world,
                            num_workers=self.num_workers, seed=self.seed, shuffle=shuffle,
+                           finite=split != "train",
                            group_batches=self.group_batches, cache_dir=self.cache_dir,
                            collate_kwargs={"image_processor": self._image_processor(),
                                            "video_processor": VideoProcessor(self.min_pixels,

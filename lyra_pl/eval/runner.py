@@ -90,7 +90,10 @@ def prepare_data_once(task: Task, data: str | Path | None, cache: str | Path, fi
 
 # ----------------------------------------------------------------------------- rows
 def rows_from_outputs(outputs: dict[str, Any], tokenizer) -> list[Row]:
-    """Rows to score from one ``predict_step`` output (a dict per sample)."""
+    """Rows to score from one ``predict_step`` output (a dict per sample); none from a padding
+    batch (:mod:`lyra_pl.data.stream`)."""
+    if outputs.get("padding"):
+        return []
     rows = []
     for i, ids in enumerate(outputs["tokens"]):
         extra = outputs.get("extras", [{}] * len(outputs["tokens"]))[i]

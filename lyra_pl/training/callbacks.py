@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -30,7 +31,8 @@ class AnswerAccuracy(L.Callback):
     whitespace, case and a final period. Writes ``predictions.jsonl`` and ``accuracy.json``
     (overall, per instruction kind and per set of choices, with chance = 1 / number of choices and the majority
     baseline of always answering the most frequent reference answer), prints a table, and
-    logs the numbers to the trainer's loggers."""
+    logs the numbers to the trainer's loggers. On several ranks the answers are gathered
+    first: the files and numbers cover every sample once (padding batches are dropped)."""
 
     def __init__(self, output_dir: str | None = None, tokenizer: str | None = None):
         self.output_dir = output_dir
@@ -49,6 +51,8 @@ class AnswerAccuracy(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                              dataloader_idx=0) -> None:
+        if outputs.get("padding"):  # keeps the ranks in step; its answers are not scored
+            return
         for i, ids in enumerate(outputs["tokens"]):
             text = self._tok.decode(ids, skip_special_tokens=True)
             answer = outputs["answers"][i]
@@ -58,16 +62,21 @@ class AnswerAccuracy(L.Callback):
                               "correct": _norm(text) == _norm(answer)})
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        if not self.rows:
+        rows = self.rows
+        if trainer.world_size > 1:  # every rank answered its share: score them together
+            parts: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [row for part in parts for row in part]
+        if not rows:
             return
-        out = Path(self.output_dir or Path(trainer.default_root_dir) / "eval")
-        out.mkdir(parents=True, exist_ok=True)
-        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        with open(out / f"predictions{suffix}.jsonl", "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row) + "\n")
-        summary = accuracy_summary(self.rows)
-        (out / f"accuracy{suffix}.json").write_text(json.dumps(summary, indent=1))
+        summary = accuracy_summary(rows)
+        if trainer.is_global_zero:
+            out = Path(self.output_dir or Path(trainer.default_root_dir) / "eval")
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "predictions.jsonl", "w") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
         rank_zero_info(format_summary(summary))
         metrics = {f"eval/{k}": v for k, v in summary["overall"].items() if isinstance(v, float)}
         for name, stats in summary["groups"].items():

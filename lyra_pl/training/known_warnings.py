@@ -17,6 +17,8 @@ KNOWN = (
      "the stages initialize weights before sharding; no random op runs on DTensors"),
     (r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
      r"`LightningDataModule`", "the stage's own transfer is the one meant"),
+    (r"It is recommended to use `self.log\('val/",
+     "val/ metrics are already reduced over the ranks (training/epoch_means.py)"),
     (r"Detected an existing checkpoint in .*, overwriting since self.overwrite=True",
      "last.ckpt is rewritten on purpose"),
 )

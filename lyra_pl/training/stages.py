@@ -51,6 +51,7 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
+from lyra_pl.training.epoch_means import EpochMeans
 from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, parallelize,
                                           parameter_share, unsharded_root)
 
@@ -161,6 +162,7 @@ class LyraStage(L.LightningModule):
         self.config = self.model_config()  # validated now, not in the middle of a launch
         self.model: LyraModel | None = None
         self._warned_adapter = False
+        self._val_means = EpochMeans()
 
     # ------------------------------------------------------------------ building
     def model_config(self) -> LyraConfig:
@@ -291,22 +293,21 @@ class LyraStage(L.LightningModule):
         metrics = {"ce": out.ce_loss, "lcmr": out.lcmr_loss, "generator": out.generator_loss}
         return out.loss, {k: v.detach() for k, v in metrics.items() if v is not None}
 
-    def _step(self, batch: LyraInputs | dict, prefix: str) -> tuple[Tensor | None, LyraOutput]:
-        inputs = split_batch(batch)[0]
+    def _step(self, batch: LyraInputs | dict) -> tuple[Tensor | None, LyraOutput, dict[str, Tensor]]:
+        """(loss, output, the metrics to log: loss, its parts, token counts)."""
         out = self(batch)
         loss, metrics = self.compute_loss(out)
         if loss is not None:
             metrics = {"loss": loss.detach(), **metrics}
         metrics.update(token_metrics(out))
-        on_step = prefix == "train"
-        for name, value in metrics.items():
-            self.log(f"{prefix}/{name}", value, batch_size=inputs.batch_size, on_step=on_step,
-                     on_epoch=not on_step, sync_dist=not on_step,
-                     prog_bar=on_step and name in ("loss", "lcmr"))  # on the progress bar
-        return loss, out
+        return loss, out, metrics
 
     def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor:
-        loss, out = self._step(batch, "train")
+        loss, out, metrics = self._step(batch)
+        size = split_batch(batch)[0].batch_size
+        for name, value in metrics.items():
+            self.log(f"train/{name}", value, batch_size=size, on_step=True, on_epoch=False,
+                     prog_bar=name in ("loss", "lcmr"))  # on the progress bar
         if loss is None:
             raise ValueError(f"training batch {batch_idx} gives no loss (no answer labels"
                              + (" or unit targets" if isinstance(self, SpeechGenStage) else "")
@@ -321,24 +322,40 @@ class LyraStage(L.LightningModule):
                               for p in self.trainable_parameters()) * 0.0
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-            self.log("train/lr", lr, batch_size=split_batch(batch)[0].batch_size, on_step=True,
-                     on_epoch=False, prog_bar=True)
+            self.log("train/lr", lr, batch_size=size, on_step=True, on_epoch=False,
+                     prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_means = EpochMeans()
+
     def validation_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:
-        return self._step(batch, "val")[0]
+        """Padding batches (which keep the ranks in step, :mod:`lyra_pl.data.stream`) run but
+        are not counted."""
+        loss, _, metrics = self._step(batch)
+        if not (isinstance(batch, dict) and batch.get("padding")):
+            self._val_means.add(metrics, split_batch(batch)[0].batch_size)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        """``val/<metric>``: sample-weighted means over every rank's samples (one reduction,
+        :class:`~lyra_pl.training.epoch_means.EpochMeans`), and ``val/samples`` validated."""
+        means, samples = self._val_means.compute(self.device)
+        if samples:
+            self.log_dict({**{f"val/{k}": v for k, v in means.items()},
+                           "val/samples": float(samples)}, sync_dist=False)
 
     def predict_step(self, batch: LyraInputs | dict, batch_idx: int) -> dict[str, Any]:
         """Greedy answers to prompt batches (``LyraDataModule`` prediction): the generated ids
         per sample, how its instruction came (``speech``, ``sound`` or ``text``), and the
-        batch's keys / reference answers / choices / extra fields passed through for
+        batch's keys / reference answers / choices / extra fields / padding flag passed through for
         :class:`~lyra_pl.training.callbacks.AnswerAccuracy` and the eval tasks
         (:class:`~lyra_pl.eval.runner.EvalTask`)."""
         inputs = split_batch(batch)[0]
         with unsharded_root(self._require_model()) as model:
             out = model.generate(inputs, max_new_tokens=self.max_new_tokens,
                                  synced=self.device_mesh is not None)
-        extra = {k: batch[k] for k in ("keys", "answers", "choices", "extras")
+        extra = {k: batch[k] for k in ("keys", "answers", "choices", "extras", "padding")
                  if isinstance(batch, dict) and k in batch}
         counts = inputs.media_counts  # (B, 4): image, video, speech, sound items per sample
         kinds = (["speech" if c[2] else "sound" if c[3] else "text" for c in counts.tolist()]
