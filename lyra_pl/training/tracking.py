@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,29 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+@contextmanager
+def sqlite_store_lock(tracking_uri: str):
+    """Holds an exclusive lock on ``<db>.lock`` while a ``sqlite:///`` store is opened.
+
+    Every process builds the logger, and MLflow's client creates and migrates the database
+    tables when it opens the store: processes started together (``torchrun``, several
+    processes per node) on a new database would race in that migration and fail. Other
+    stores (an ``http://`` server) need no lock."""
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        yield
+        return
+    import fcntl
+
+    db = Path(tracking_uri[len(prefix):].split("?", 1)[0])
+    if not db.parent.is_dir():  # let MLflow report the bad location itself
+        yield
+        return
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 class LyraMLFlowLogger(MLFlowLogger):
     """MLFlowLogger with a local default store; uploads metric plots when the run finishes.
 
@@ -40,9 +64,10 @@ class LyraMLFlowLogger(MLFlowLogger):
                  plots: bool = True, save_dir: str | None = None):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment_name = experiment_name
-        super().__init__(experiment_name=experiment_name, run_name=run_name,
-                         tracking_uri=self.tracking_uri, tags=tags,
-                         log_model=log_model, artifact_location=artifact_location)
+        with sqlite_store_lock(self.tracking_uri):
+            super().__init__(experiment_name=experiment_name, run_name=run_name,
+                             tracking_uri=self.tracking_uri, tags=tags,
+                             log_model=log_model, artifact_location=artifact_location)
         self.plots = plots
         self.local_dir = save_dir
 
