@@ -15,6 +15,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
        for verb in ("fit", "validate", "predict", "test")},
     ("eval",): ("lyra_pl.eval.cli", "main", False),
     ("needle",): ("lyra_pl.eval.needle", "main", False),
+    ("chat",): ("lyra_pl.chat", "main", False),
     ("pipeline",): ("lyra_pl.training.cli", "pipeline", False),
     ("data", "convert"): ("lyra_pl.data.convert", "main", False),
     ("data", "merge"): ("lyra_pl.data.convert", "merge_main", False),
@@ -54,13 +55,15 @@ def main(argv: list[str] | None = None) -> int:
               "lyra-pl --help)", file=sys.stderr)
         return 2
     print(
-        "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,data,corpus,bench,info,plan} "
-        "[options]\n\n"
+        "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,chat,data,corpus,bench,info,"
+        "plan} [options]\n\n"
         "subcommands:\n"
         "  fit|validate|predict  a stage (`lyra-pl fit --config configs/tiny/stage2_joint_sft.yaml`)\n"
         "  pipeline the four stages in order (`lyra-pl pipeline --preset tiny`)\n"
         "  eval     `lyra-pl eval --task all --ckpt runs/tiny/stage4_speech_gen/export`\n"
         "  needle   long-speech needle in a haystack (`lyra-pl needle --ckpt ...`)\n"
+        "  chat     talk to an export: `lyra-pl chat --export runs/tiny/stage2_joint_sft/export`\n"
+        "           (--image/--audio/--video F, --prompt TEXT, --jsonl FILE; see --help)\n"
         "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards;\n"
         "           `lyra-pl data merge DIR`: join the parts of a --part I/N conversion\n"
         "           `lyra-pl data example --out DIR`: a small offline release (docs/data.md)\n"

@@ -215,3 +215,233 @@ def test_needle_heatmap_for_the_tiny_model(pipeline_run):
     assert "needle/accuracy_40s" in run.data.metrics
     assert "eval/needle_heatmap.png" in {a.path for a in client.list_artifacts(run.info.run_id,
                                                                              "eval")}
+
+
+# ----------------------------------------------------------------------------- lyra-pl chat
+# The tiny pipeline trains each stage for 3 steps: greedy answers are an immediate <|im_end|>
+# (empty). Sampling hot gives tokens to stream, which is what these checks need.
+SAMPLING = ["--temperature", "2", "--seed", "0", "--max-new-tokens", "8"]
+SPOKEN = ROOT / "data/tiny/media/speech/q_shape1_en-us-f3.wav"  # a real spoken question
+
+
+@pytest.fixture(scope="module")
+def chat_media(tmp_path_factory) -> Path:
+    """A PNG, and the spoken question encoded here as MP3 (44.1 kHz) and WAV (22.05 kHz)."""
+    from PIL import Image
+
+    from lyra_pl.data import encode, media
+
+    d = tmp_path_factory.mktemp("chat_media")
+    Image.new("RGB", (64, 48), "red").save(d / "red.png")
+    for name, rate in (("q.mp3", 44100), ("q.wav", 22050)):
+        x, _ = media.load_audio(SPOKEN, rate=rate)
+        encode.write_audio(d / name, x, rate)
+    return d
+
+
+def chat(args: list[str], capsys) -> tuple[int, str, str]:
+    """`lyra-pl chat ARGS` in this process (the model loads in a second; a subprocess would
+    spend ten more importing torch and Lightning): (exit code, stdout, stderr)."""
+    from lyra_pl import cli
+
+    capsys.readouterr()
+    rc = cli.main(["chat", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def write_vocoder(d: Path, n_units: int = 1000) -> Path:
+    """A randomly initialized CodeHiFiGAN vocoder directory: no trained unit vocoder exists
+    offline, so this checks units -> waveform -> file, not how the speech sounds."""
+    from lyra_pl.model.vocoder import UnitVocoder
+
+    cfg = {"upsample_rates": [5, 4, 2], "upsample_kernel_sizes": [11, 8, 4],
+           "upsample_initial_channel": 16, "resblock_kernel_sizes": [3],
+           "resblock_dilation_sizes": [[1, 3, 5]], "num_embeddings": n_units,
+           "embedding_dim": 8, "model_in_dim": 8, "sampling_rate": 16000}
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    torch.save({"generator": UnitVocoder(cfg).generator.state_dict()}, d / "g_00000001")
+    return d
+
+
+def test_chat_one_shot_streams_answers_about_an_image_mp3_and_wav(pipeline_run, chat_media,
+                                                                  capsys, tmp_path):
+    """One-shot on the stage-2 export with an image and the spoken question as MP3 and WAV;
+    then on the stage-4 export with --speech-out."""
+    cwd, _ = pipeline_run
+    runs = cwd / "runs" / "tiny"
+    rc, out, err = chat(["--export", str(runs / "stage2_joint_sft" / "export"),
+                         "--image", str(chat_media / "red.png"), "--audio",
+                         str(chat_media / "q.mp3"), str(chat_media / "q.wav"),
+                         "--prompt", "Which shape is this?", *SAMPLING], capsys)
+    assert rc == 0, err
+    assert out.strip() and out.endswith("\n") and out.count("\n") == 1, out
+
+    wav = tmp_path / "answer.wav"
+    rc, out, err = chat(["--export", str(runs / "stage4_speech_gen" / "export"),
+                         "--audio", str(chat_media / "q.wav"), "--prompt", "", "--speech-out",
+                         str(wav), "--vocoder", str(write_vocoder(tmp_path / "voc")),
+                         *SAMPLING], capsys)
+    assert out.strip(), err
+    if rc == 0:  # a speech generator trained for 3 steps may give only CTC blanks
+        from lyra_pl.data import media
+
+        x, _ = media.load_audio(wav)
+        assert len(x) > 0 and f"wrote {wav}" in err
+    else:
+        assert rc == 1 and "gave no units" in err and not wav.exists(), err
+
+
+def test_chat_interactive_session_on_a_terminal(pipeline_run, chat_media):
+    """Two turns through a pseudo-terminal, the second attaching speech with /audio (the
+    first turn's image and answer stay in the prompt), then /quit."""
+    import select
+
+    cwd, _ = pipeline_run
+    export = cwd / "runs" / "tiny" / "stage2_joint_sft" / "export"
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lyra_pl.cli", "chat", "--export",
+                             str(export), "--image", str(chat_media / "red.png"), *SAMPLING],
+                            cwd=cwd, stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                            env={**os.environ, "TERM": "dumb"})
+    os.close(slave)
+    seen = b""
+
+    def until_prompt(timeout: float = 300) -> str:
+        """What the terminal shows up to the next "> " prompt (the echoed line dropped)."""
+        nonlocal seen
+        start = len(seen)
+        while not seen[start:].endswith(b"> "):
+            ready, _, _ = select.select([master], [], [], timeout)
+            chunk = os.read(master, 4096) if ready else b""
+            assert chunk, f"no prompt; the terminal showed {seen[-2000:]!r}"
+            seen += chunk
+        shown = seen[start:-2].decode(errors="replace").replace("\r", "")
+        return shown.split("\n", 1)[1] if "\n" in shown else ""
+
+    def send(line: str) -> str:
+        os.write(master, line.encode() + b"\n")
+        return until_prompt()
+
+    try:
+        until_prompt()
+        first = send("Which shape is this?")
+        assert send(f"/audio {chat_media / 'q.mp3'}") == ""  # attached (said on stderr)
+        second = send("And now?")
+        os.write(master, b"/quit\n")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(master)
+    err = proc.stderr.read().decode()
+    assert "/quit" in err and "(attached audio" in err, err
+    assert first.strip() and second.strip(), seen
+
+
+def test_chat_interactive_ends_at_end_of_input(pipeline_run, capsys, monkeypatch):
+    import io
+
+    cwd, _ = pipeline_run
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What color is the sky?\n/nope\n"))
+    rc, out, err = chat(["--export", str(cwd / "runs/tiny/stage2_joint_sft/export"),
+                         *SAMPLING], capsys)
+    assert rc == 0 and out.strip() and out.count("\n") == 1, (out, err)
+    assert "unknown command /nope" in err
+
+
+def test_chat_jsonl_answers_good_lines_and_names_the_bad_one(pipeline_run, chat_media, capsys,
+                                                             tmp_path):
+    cwd, _ = pipeline_run
+    requests = chat_media / "requests.jsonl"  # media paths relative to the file
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"id": "shape", "prompt": "Which shape is this?", "image": "red.png"},
+        {"id": "bad", "prompt": "Hi", "audio": "missing.wav"},
+        {"id": "spoken", "image": ["red.png"], "audio": "q.mp3"},
+    ]) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    rc, _, err = chat(["--export", str(cwd / "runs/tiny/stage3_long_speech/export"),
+                       "--jsonl", str(requests), "--out", str(answers), "--lmme", "2,0.5",
+                       *SAMPLING], capsys)
+    assert rc == 1, err  # a line failed
+    assert f"{requests}:2: audio missing.wav: file not found" in err.splitlines()
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["shape", "bad", "spoken"]
+    assert rows[1] == {"id": "bad", "line": 2, "error": "audio missing.wav: file not found"}
+    assert all(isinstance(rows[i]["answer"], str) for i in (0, 2))
+    assert "answered 2 of 3 request(s); 1 failed" in err
+
+
+def _fake_export(tmp_path: Path, stage: str = "JointSFTStage") -> Path:
+    """A folder that passes the checks made before the model loads."""
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+    (export / "config.json").write_text("{}")
+    (export / "speech_generator.safetensors").write_bytes(b"")
+    (export.parent / "config.yaml").write_text(
+        f"model:\n  class_path: lyra_pl.training.stages.{stage}\n")
+    return export
+
+
+@pytest.mark.parametrize("case", ["missing export", "missing image", "image not an image",
+                                  "audio not audio", "missing jsonl", "speech-out from stage 2",
+                                  "speech-out without vocoder", "missing vocoder"])
+def test_chat_errors_are_one_line_and_exit_2(case, tmp_path, capsys):
+    """Found before the model loads: no pipeline needed."""
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "notes.mp3").write_text("not audio")
+    missing = str(tmp_path / "nowhere")
+    stage2, stage4 = str(_fake_export(tmp_path / "2")), str(_fake_export(tmp_path / "4",
+                                                                          "SpeechGenStage"))
+    args, named = {
+        "missing export": (["--export", missing, "--prompt", "hi"], missing),
+        "missing image": (["--export", missing, "--image", "gone.png", "--prompt", "hi"],
+                          "--image gone.png: file not found"),
+        "image not an image": (["--export", missing, "--image", str(tmp_path / "notes.png"),
+                                "--prompt", "hi"], "notes.png: not a decodable image"),
+        "audio not audio": (["--export", missing, "--audio", str(tmp_path / "notes.mp3"),
+                             "--prompt", "hi"], "notes.mp3: not a decodable media file"),
+        "missing jsonl": (["--export", missing, "--jsonl", "gone.jsonl"], "gone.jsonl"),
+        "speech-out from stage 2": (["--export", stage2, "--prompt", "hi", "--speech-out",
+                                     "a.wav", "--vocoder", missing], "written by JointSFTStage"),
+        "speech-out without vocoder": (["--export", stage4, "--prompt", "hi", "--speech-out",
+                                        "a.wav"], "needs --vocoder"),
+        "missing vocoder": (["--export", stage4, "--prompt", "hi", "--speech-out", "a.wav",
+                             "--vocoder", missing], f"--vocoder {missing}"),
+    }[case]
+    rc, out, err = chat(args, capsys)
+    assert rc == 2 and out == "", err
+    assert len(err.splitlines()) == 1 and named in err and err.startswith("lyra-pl chat: "), err
+
+
+def test_chat_streams_each_token_and_speaks_units(tmp_path):
+    """The streaming callback writes the answer piece by piece as ``generate`` reports
+    tokens, whole characters only; the vocoder path turns units into a 16 kHz file."""
+    from lyra_pl.chat_engine import TextStream, parse_lmme, write_speech
+    from lyra_pl.data import media
+    from lyra_pl.data.decode import load_tokenizer
+    from lyra_pl.model.vocoder import UnitVocoder
+
+    tok = load_tokenizer(ROOT / "data/tiny/tokenizer")
+    ids = tok("The sky is blue, é!", add_special_tokens=False)["input_ids"] + [505]
+    pieces: list[str] = []
+
+    class Out:
+        write = pieces.append
+
+        def flush(self):
+            pass
+
+    stream = TextStream(tok, Out())
+    for i in ids:
+        stream([i, None])  # a second, finished sample is ignored
+    stream.finish()
+    assert "".join(pieces) == "The sky is blue, é!\n" and len(pieces) > 4
+    assert not any("\ufffd" in p for p in pieces)
+
+    vocoder = UnitVocoder.from_pretrained(write_vocoder(tmp_path / "voc"))
+    write_speech(str(tmp_path / "a.wav"), vocoder, [3, 7, 7, 999])
+    x, info = media.load_audio(tmp_path / "a.wav")
+    assert len(x) == 4 * vocoder.hop_length and info.source_rate == 16000
+    assert parse_lmme("4,0.7") == {"lmme_blocks": 4, "lmme_keep_ratio": 0.7}

@@ -184,7 +184,8 @@ class LyraDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} dataset configured (data.{split})")
         return read_manifest(resolve_path(path))
 
-    def _image_processor(self):
+    def image_processor(self):
+        """The Qwen2-VL image processor with this module's pixel bounds (training and chat)."""
         try:  # transformers >= 5 names the torchvision-free processor *Pil
             from transformers import Qwen2VLImageProcessorPil as Processor
         except ImportError:
@@ -207,7 +208,7 @@ class LyraDataModule(L.LightningDataModule):
                            num_workers=self.num_workers, seed=self.seed, shuffle=shuffle,
                            finite=split != "train",
                            group_batches=self.group_batches, cache_dir=self.cache_dir,
-                           collate_kwargs={"image_processor": self._image_processor(),
+                           collate_kwargs={"image_processor": self.image_processor(),
                                            "video_processor": VideoProcessor(self.min_pixels,
                                                                              self.max_pixels)})
 
