@@ -135,3 +135,53 @@ def test_a_new_run_is_refused_in_an_earlier_runs_folder(tmp_path, monkeypatch, c
     check_run({**config, "ckpt_path": "last"}, "fit")  # resuming it: fine
     check_run({**config, "overwrite": True}, "fit")  # starting over: fine
     check_run(config, "validate")  # not a new training run
+
+
+def test_short_runs_log_their_first_and_last_step_and_the_bar_ends_at_max_steps(
+        tmp_path, monkeypatch):
+    """Issue 12: with the configs' log_every_n_steps of 5 a 3-step run logged no metric, and
+    the progress bar's total (its ETA) was the whole epoch's, not max_steps'. Now a 7-step run
+    over epochs of 4 batches logs steps 0, 4 and 6 (the first, Lightning's own and the last),
+    and the bar counts 4, then 3 of the second epoch's 4 batches."""
+    import json
+    from pathlib import Path
+
+    import lightning as L
+    from mlflow.tracking import MlflowClient
+
+    from lyra_pl.data.convert import convert
+    from lyra_pl.training.callbacks import EdgeStepLogs, StepProgressBar
+    from lyra_pl.training.cli import LyraCLI
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    samples = json.loads((root / "data/tiny/stage0_vlm.train.json").read_text())[:8]
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+    convert(tmp_path / "train.json", tmp_path / "shards", media_root=root / "data/tiny")
+    built = LyraCLI(["--config", str(root / "configs/tiny/stage0_base_vlm.yaml"),
+                     f"--data.train={tmp_path / 'shards'}", "--data.train_source=null",
+                     "--data.val=null", "--data.val_source=null", "--data.batch_size=2",
+                     "--trainer.limit_val_batches=0", "--trainer.max_steps=7",
+                     "--trainer.default_root_dir=run"], run=False)
+    trainer = built.trainer
+    assert trainer.log_every_n_steps == 5  # the config's
+    assert isinstance(trainer.progress_bar_callback, StepProgressBar)
+    assert sum(isinstance(c, EdgeStepLogs) for c in trainer.callbacks) == 1
+
+    class Totals(L.Callback):  # each epoch's length, and the bar's total at its first batch
+        seen = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                bar = trainer.progress_bar_callback.train_progress_bar
+                self.seen.append((trainer.num_training_batches, bar.total))
+
+    trainer.callbacks.append(Totals())
+    trainer.fit(built.model, built.datamodule)
+    assert Totals.seen == [(4, 4), (4, 3)]
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("lyra_pl-tiny").experiment_id])[0]
+    for key in ("train/loss", "train/lr", "train/tokens"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [0, 4, 6], key

@@ -1,4 +1,5 @@
-"""Callbacks the stage configs use: the hand-off export and the answer-accuracy evaluation."""
+"""Callbacks of a run: the hand-off export and the answer-accuracy evaluation (the stage
+configs name them), and the progress bar and edge-step logs every `lyra-pl fit` adds."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -118,3 +120,36 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{name[:47]:<48}{s['n']:>5}{s['accuracy']:>10.3f}{s['chance']:>8.3f}"
                      f"{s['majority']:>10.3f}")
     return "\n".join(lines)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's bar whose total, and so its ETA, ends where the run ends: at ``max_steps``
+    when that comes before the epoch's last batch (Lightning's counts the whole epoch)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        bar = self.train_progress_bar
+        if bar is not None and bar.total is not None and trainer.max_steps > 0:
+            # batch_idx counts this epoch's batches, those before a resume included
+            left = (trainer.max_steps - trainer.global_step) * trainer.accumulate_grad_batches
+            bar.total = min(bar.total, batch_idx + left)
+
+
+class EdgeStepLogs(L.Callback):
+    """Sends the first and the last training step's metrics to the loggers when
+    ``log_every_n_steps`` skips them: a run shorter than it logged no metric at all, and a
+    longer one left its final loss out. At the same step numbers as Lightning's own logs."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Lightning logs this batch, after this hook, at step ``_batches_that_stepped`` when
+        # (step + 1) % log_every_n_steps == 0 (LoggerConnector.should_update_logs)
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        last = (0 < trainer.max_steps <= trainer.global_step
+                or (trainer.current_epoch + 1 == trainer.max_epochs
+                    and batch_idx + 1 == trainer.num_training_batches))
+        if (step > 0 and not last) or (step + 1) % trainer.log_every_n_steps == 0:
+            return
+        metrics = {k: float(v) for k, v in getattr(pl_module, "step_metrics", {}).items()}
+        if metrics:
+            for lg in trainer.loggers:
+                lg.log_metrics(metrics, step=step)

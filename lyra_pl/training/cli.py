@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lyra_pl.data.datamodule import REPO_ROOT, LyraDataModule
 from lyra_pl.training.stages import LyraStage
 from lyra_pl.training import known_warnings
+from lyra_pl.training.callbacks import EdgeStepLogs, StepProgressBar
 from lyra_pl.training.preflight import RunInputError, check_run
 from lyra_pl.training.tracking import LyraMLFlowLogger, TrackConfig
 
@@ -113,7 +114,19 @@ class LyraCLI(LightningCLI):
         print_run_summary(self.trainer, self.datamodule)
 
     def instantiate_trainer(self, **kwargs):
-        return bind_run_folder(super().instantiate_trainer(**kwargs))
+        """The configured Trainer, with the run's reporting callbacks added (the step-bounded
+        progress bar unless the config turns the bar off or brings its own), bound to its
+        run folder."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        callbacks += [*kwargs.pop("callbacks", []), EdgeStepLogs()]
+        if (config.get("enable_progress_bar") is not False
+                and not any(isinstance(c, ProgressBar) for c in callbacks)):
+            callbacks.append(StepProgressBar())
+        return bind_run_folder(super().instantiate_trainer(callbacks=callbacks, **kwargs))
 
 
 def bind_run_folder(trainer):

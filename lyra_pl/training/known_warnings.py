@@ -19,6 +19,8 @@ KNOWN = (
      r"`LightningDataModule`", "the stage's own transfer is the one meant"),
     (r"It is recommended to use `self.log\('val/",
      "val/ metrics are already reduced over the ranks (training/epoch_means.py)"),
+    (r"The number of training batches \(\d+\) is smaller than the logging interval",
+     "EdgeStepLogs (training/callbacks.py) logs the first and the last step whatever it is"),
     (r"Detected an existing checkpoint in .*, overwriting since self.overwrite=True",
      "last.ckpt is rewritten on purpose"),
 )

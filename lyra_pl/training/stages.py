@@ -163,6 +163,7 @@ class LyraStage(L.LightningModule):
         self.model: LyraModel | None = None
         self._warned_adapter = False
         self._val_means = EpochMeans()
+        self.step_metrics: dict[str, Any] = {}  # the last training step's, by logged name
 
     # ------------------------------------------------------------------ building
     def model_config(self) -> LyraConfig:
@@ -305,6 +306,8 @@ class LyraStage(L.LightningModule):
     def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor:
         loss, out, metrics = self._step(batch)
         size = split_batch(batch)[0].batch_size
+        # kept for EdgeStepLogs, which logs the first and last step whatever the interval
+        self.step_metrics = {f"train/{name}": value for name, value in metrics.items()}
         for name, value in metrics.items():
             self.log(f"train/{name}", value, batch_size=size, on_step=True, on_epoch=False,
                      prog_bar=name in ("loss", "lcmr"))  # on the progress bar
@@ -322,6 +325,7 @@ class LyraStage(L.LightningModule):
                               for p in self.trainable_parameters()) * 0.0
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+            self.step_metrics["train/lr"] = lr
             self.log("train/lr", lr, batch_size=size, on_step=True, on_epoch=False,
                      prog_bar=True)
         return loss
