@@ -283,3 +283,48 @@ def test_save_qwen2vl_and_whisper_round_trip(tmp_path, cfg):
     _assert_same(_ours(fresh), _ours(model))
     a, b = fresh.audio_encoder.whisper.state_dict(), model.audio_encoder.whisper.state_dict()
     _assert_same(a, b)
+
+
+# ---------------------------------------------------------------------------- byte ranges
+
+
+def test_safetensors_file_reads_rows_as_safetensors_slices(tmp_path):
+    """Whole tensors and ranges of rows, every dtype the checkpoints use, against
+    safetensors' own slicing."""
+    from safetensors import safe_open
+
+    from lyra_pl.model.safetensors_file import SafetensorsFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"bf16": torch.randn(7, 3, 2, generator=g).bfloat16(),
+               "f32": torch.randn(5, 4, generator=g), "i64": torch.arange(9),
+               "bool": torch.rand(4, 3, generator=g) > 0.5, "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    with SafetensorsFile(tmp_path / "t.safetensors") as ours, \
+            safe_open(str(tmp_path / "t.safetensors"), framework="pt") as ref:
+        assert sorted(ours.keys()) == sorted(tensors)
+        for key in tensors:
+            assert ours.shape(key) == tuple(ref.get_slice(key).get_shape())
+            whole = ours.read(key)
+            assert whole.dtype == tensors[key].dtype and torch.equal(whole, ref.get_tensor(key))
+            if whole.dim():
+                for rows in (slice(0, 1), slice(2, 4), slice(3, None), slice(9, 12)):
+                    assert torch.equal(ours.read(key, rows), ref.get_slice(key)[rows]), (key, rows)
+        with pytest.raises(ValueError, match="contiguous"):
+            ours.read("f32", slice(0, 4, 2))
+        with pytest.raises(ValueError, match="scalar"):
+            ours.read("scalar", slice(0, 1))
+
+
+def test_safetensors_file_errors(tmp_path):
+    from lyra_pl.model.safetensors_file import SafetensorsFile
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        SafetensorsFile(tmp_path / "junk.safetensors")
+    save_file({"w": torch.ones(64, 64)}, str(tmp_path / "t.safetensors"))
+    data = (tmp_path / "t.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        SafetensorsFile(tmp_path / "cut.safetensors")

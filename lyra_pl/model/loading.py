@@ -6,9 +6,13 @@
 - a Whisper checkpoint, of which only the encoder is read;
 - our projectors and speech generator as safetensors files (LoRA adapters: :mod:`lora`).
 
-Tensors are read checkpoint file by file with ``safetensors`` and copied into the model's
-parameters (``assign=True`` for a model built on the meta device; only each rank's slice for a
-model already sharded by FSDP2), so no second full model is built.
+Tensors are read file by file and tensor by tensor, by byte range
+(:class:`~lyra_pl.model.safetensors_file.SafetensorsFile`), and cast to their parameter's
+dtype as they are read. A rank of a model sharded by FSDP2 reads only its rows of each sharded
+parameter (dim 0) and the replicated frozen encoders whole, so the ranks together read the
+checkpoint about once (once per replica under hybrid sharding). A model on the meta device
+gets each file's tensors assigned (``assign=True``); others are copied into. No second full
+model is built.
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from lyra_pl.model.safetensors_file import SafetensorsFile
 
 PARTS = ("speech_projector", "sound_projector", "speech_generator")
 
@@ -60,12 +65,13 @@ def _load_mapped(
     module: nn.Module, directory: str | Path, rename: Callable[[str], str | None], what: str,
     allow_missing: Callable[[str], bool] = lambda k: False,
 ) -> None:
-    """Copies every tensor whose key ``rename`` maps into ``module``; errors on what is left."""
+    """Loads every tensor whose key ``rename`` maps into ``module`` (:func:`_load_file`);
+    errors on what is left."""
     own = module.state_dict()
     loaded: set[str] = set()
     for shard in _shards(directory):
-        tensors = {}
-        with safe_open(str(shard), framework="pt") as f:
+        with SafetensorsFile(shard) as f:
+            names = {}
             for key in f.keys():
                 name = rename(key)
                 if name is None:
@@ -76,13 +82,12 @@ def _load_mapped(
                 if name not in own:
                     raise ValueError(f"{what}: {shard.name} has {key!r}, which maps to "
                                      f"{name!r}, not a parameter of the model")
-                t = f.get_tensor(key)
-                if tuple(t.shape) != tuple(own[name].shape):
-                    raise ValueError(f"{what}: {key!r} has shape {tuple(t.shape)}, the model's "
+                if f.shape(key) != tuple(own[name].shape):
+                    raise ValueError(f"{what}: {key!r} has shape {f.shape(key)}, the model's "
                                      f"{name!r} has {tuple(own[name].shape)}")
-                tensors[name] = t.to(own[name].dtype)
-        _load_state(module, tensors, own)
-        loaded |= set(tensors)
+                names[key] = name
+            _load_file(module, own, f, names)
+        loaded |= set(names.values())
     missing = [k for k in own if k not in loaded and not allow_missing(k) and ".lora_" not in k]
     if missing:
         raise ValueError(f"{what}: {len(missing)} tensor(s) missing from {str(directory)!r}, "
@@ -203,32 +208,51 @@ def _local_index(t: Tensor) -> tuple[slice, ...]:
     return tuple(index)
 
 
+def _copy_shard(target: Tensor, piece: Tensor) -> None:
+    local = target.to_local()
+    if tuple(piece.shape) != tuple(local.shape):
+        raise RuntimeError(f"shard of shape {tuple(local.shape)} does not match its slice "
+                           f"{tuple(piece.shape)} of the full tensor")
+    local.copy_(piece)
+
+
 def copy_into(target: Tensor, full: Tensor) -> None:
     """Copies the full tensor ``full`` into ``target``: whole into a plain tensor, only this
-    rank's slice into a sharded one, so loading a sharded model never needs more than one
-    checkpoint tensor at a time."""
+    rank's slice into a sharded one (for tensors already in memory, such as LoRA adapters;
+    checkpoint files are read slice by slice by :func:`_load_file`)."""
     with torch.no_grad():
         if hasattr(target, "to_local"):
-            local = target.to_local()
-            piece = full[_local_index(target)]
-            if tuple(piece.shape) != tuple(local.shape):
-                raise RuntimeError(f"shard of shape {tuple(local.shape)} does not match its slice "
-                                   f"{tuple(piece.shape)} of the full tensor")
-            local.copy_(piece)
+            _copy_shard(target, full[_local_index(target)])
         else:
             target.copy_(full)
 
 
-def _load_state(module: nn.Module, state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
-    """Loads ``state`` (a subset of ``module``'s keys, full tensors; ``own`` is the module's
-    state dict): assigned into a model on the meta device, sliced into a sharded one, copied
-    otherwise."""
-    if any(hasattr(p, "to_local") for p in module.parameters()):
-        for name, value in state.items():
-            copy_into(own[name], value)
-    else:
-        module.load_state_dict(state, strict=False,
-                               assign=any(p.is_meta for p in module.parameters()))
+def _read_into(target: Tensor, f: SafetensorsFile, key: str) -> None:
+    """Reads ``key`` of ``f`` into ``target``: whole into a plain tensor; into a sharded one
+    only the rows of this rank's slice (dim 0, how FSDP2 shards), cut further in memory if
+    another dimension is sharded too. ``copy_`` casts to the target's dtype."""
+    with torch.no_grad():
+        if hasattr(target, "to_local"):
+            index = _local_index(target)
+            piece = f.read(key, index[0])[(slice(None), *index[1:])] if index else f.read(key)
+            _copy_shard(target, piece)
+        else:
+            target.copy_(f.read(key))
+
+
+def _load_file(module: nn.Module, own: dict[str, Tensor], f: SafetensorsFile,
+               names: dict[str, str]) -> None:
+    """Loads the tensors ``names`` (key in ``f`` -> key in ``own``, ``module``'s state dict)
+    one at a time, each cast to its parameter's dtype as it is read: into a sharded (FSDP2)
+    module only this rank's slices, into a plain one by copying; a module on the meta device
+    has the file's tensors assigned instead (``assign=True``)."""
+    sharded = any(hasattr(p, "to_local") for p in module.parameters())
+    if not sharded and any(p.is_meta for p in module.parameters()):
+        state = {name: f.read(key).to(own[name].dtype) for key, name in names.items()}
+        module.load_state_dict(state, strict=False, assign=True)
+        return
+    for key, name in names.items():
+        _read_into(own[name], f, key)
 
 
 def full_tensor(t: Tensor) -> Tensor:
@@ -267,14 +291,14 @@ def load_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] |
             raise FileNotFoundError(f"{str(path)!r} not found")
         module = getattr(model, part)
         own = module.state_dict()
-        with safe_open(str(path), framework="pt") as f:
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        bad = [k for k in state if k not in own or state[k].shape != own[k].shape]
-        missing = [k for k in own if k not in state]
-        if bad or missing:
-            raise ValueError(f"{path.name} does not fit the model's {part}: unexpected or "
-                             f"mis-shaped {bad[:3]}, missing {missing[:3]}")
-        _load_state(module, {k: v.to(own[k].dtype) for k, v in state.items()}, own)
+        with SafetensorsFile(path) as f:
+            keys = f.keys()
+            bad = [k for k in keys if k not in own or f.shape(k) != tuple(own[k].shape)]
+            missing = [k for k in own if k not in keys]
+            if bad or missing:
+                raise ValueError(f"{path.name} does not fit the model's {part}: unexpected or "
+                                 f"mis-shaped {bad[:3]}, missing {missing[:3]}")
+            _load_file(module, own, f, {k: k for k in keys})
     _init_buffers(model)
     return list(names)
 
