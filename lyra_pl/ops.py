@@ -288,8 +288,10 @@ def select_tokens(
     """Which tokens survive a pruning step.
 
     Keeps every valid non-context token and, per sample, the ``k`` highest-scoring valid context
-    tokens, ``k = n if n < min_keep else max(min_keep, floor(keep_ratio * n))`` with ``n`` the
-    sample's valid context tokens. Ties go to the earlier token; NaN scores rank lowest.
+    tokens, ``k = keep_count(n, keep_ratio, min_keep)`` (:mod:`lyra_pl.keep_count`: ``n`` if
+    ``n < min_keep``, else ``max(min_keep, floor(keep_ratio * n))`` with the floor of exact
+    decimal arithmetic, so 0.7 of 90 keeps 63) with ``n`` the sample's valid context tokens.
+    Ties go to the earlier token; NaN scores rank lowest.
 
     Returns:
         (B, N) bool, False on padding; token order is untouched.

@@ -6,10 +6,10 @@ the attention scores through a fully materialized (B, Hq, T, N) probability tens
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from lyra_pl.keep_count import keep_count
 
 
 def soft_dtw(
@@ -168,7 +168,7 @@ def select_tokens(
     keep = key_mask & ~context_mask
     for b in range(scores.shape[0]):
         n = int(candidates[b].sum())
-        k = n if n < min_keep else max(min_keep, math.floor(keep_ratio * n))
+        k = keep_count(n, keep_ratio, min_keep)
         keep[b, order[b, :k]] = True
     return keep
 

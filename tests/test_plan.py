@@ -103,13 +103,27 @@ def test_lmme_reduces_activations(base):
     assert lm.activations_checkpointed < plain.activations_checkpointed
     t = lm.tokens_per_layer
     assert t[0] == 32768 and t == sorted(t, reverse=True) and t[-1] < t[0]
-    # 3 pruning points, 90% context: text + ctx * 0.7^3 (rounded up per step)
+    # 3 pruning points, 90% context: text + ctx * 0.7^3 (exact floor per step, integer arithmetic)
     ctx = round(0.9 * 32768)
     for _ in range(3):
-        ctx = math.ceil(0.7 * ctx)
+        ctx = ctx * 7 // 10
     assert t[-1] == 32768 - round(0.9 * 32768) + ctx
     assert P.estimate(base, 3, 1, 8, seq_len=32768, lmme=(1, 0.5)).activations \
         == plain.activations  # one block: nothing to prune after
+
+
+@pytest.mark.parametrize("seq_len", [100, 189, 200, 367])
+def test_lmme_tokens_are_what_select_tokens_keeps(base, seq_len):
+    # 90% context: 90, 170, 180, 330 tokens, where 0.7 * n in double falls just below the exact
+    # count (0.7 * 90 = 62.99999999999999); each pruning point keeps floor(7n / 10), >= min_keep.
+    t = P.lmme_tokens_per_layer(base, seq_len, (4, 0.7), context_fraction=0.9)
+    ctx = round(0.9 * seq_len)
+    text = seq_len - ctx
+    expected = [text + ctx]
+    for _ in range(3):
+        ctx = ctx if ctx < base.lmme_min_keep else max(base.lmme_min_keep, ctx * 7 // 10)
+        expected.append(text + ctx)
+    assert list(dict.fromkeys(t)) == list(dict.fromkeys(expected))
 
 
 def test_stage4_no_llm_activations_or_grads(base, counts):

@@ -1,11 +1,24 @@
 """context_scores / select_tokens / prune_tokens / compact against the plain-PyTorch references."""
-import math
+from fractions import Fraction
 
 import pytest
 import torch
 
 from lyra_pl import ops, reference
+from lyra_pl.keep_count import keep_count
 from conftest import rel_err
+
+
+def exact_keep(n: int, keep_ratio: float, min_keep: int) -> int:
+    """Kept context tokens in exact arithmetic, ``keep_ratio`` read as the decimal it prints as
+    (0.7 is 7/10 here, while 0.7 * 90 is 62.99999999999999 in double)."""
+    if n < min_keep:
+        return n
+    r = Fraction(repr(keep_ratio))
+    return max(min_keep, r.numerator * n // r.denominator)
+
+
+DECIMAL_RATIOS = [0.35, 0.57, 0.7, 0.5, 0.3, 0.05, 0.333, 0.12345, 0.99999, 1.0]
 
 
 def attention_inputs(B, Hq, Hkv, N, dh, dtype=torch.float64, device="cpu", seed=0):
@@ -116,11 +129,49 @@ def test_select_tokens_matches_reference(device, keep_ratio, min_keep):
             assert not out[~key].any()
             assert out[key & ~context].all()
             n = (context & key).sum(1)
-            expected = [
-                int(c) if c < min_keep else max(min_keep, math.floor(keep_ratio * int(c)))
-                for c in n
-            ]
+            expected = [exact_keep(int(c), keep_ratio, min_keep) for c in n]
             assert (out & context).sum(1).tolist() == expected
+
+
+def test_keep_count_is_the_exact_decimal_floor():
+    assert [keep_count(n, 0.7, 32) for n in (90, 170, 180, 330)] == [63, 119, 126, 231]
+    far = range(2**31 - 5000, 2**31)  # the documented bound: exact for n < 2**31
+    for r in DECIMAL_RATIOS:
+        for min_keep in (0, 32):
+            assert [keep_count(n, r, min_keep) for n in range(5001)] \
+                == [exact_keep(n, r, min_keep) for n in range(5001)], (r, min_keep)
+        assert [keep_count(n, r, 0) for n in far] == [exact_keep(n, r, 0) for n in far], r
+
+
+@pytest.mark.parametrize("keep_ratio", [0.35, 0.57, 0.7, 0.5, 0.3])
+@pytest.mark.parametrize("min_keep", [0, 32])
+def test_select_tokens_keeps_the_exact_decimal_count(device, keep_ratio, min_keep):
+    # Row n has n valid context tokens, n = 0..399: among them 90, 170, 180 and 330, where
+    # keep_ratio * n in double falls just below the exact count.
+    N = 400
+    pos = torch.arange(N, device=device)
+    context = pos < pos[:, None]
+    key = (pos < N - 1).expand(N, N)  # one padding column, never kept
+    scores = untied_scores(N, N, device)
+    expected = [exact_keep(n, keep_ratio, min_keep) for n in range(N)]
+    for impl in (ops, reference):
+        out = impl.select_tokens(scores, context, key, keep_ratio, min_keep)
+        assert (out & context).sum(1).tolist() == expected, impl.__name__
+        assert torch.equal(out & ~context, key & ~context)
+
+
+def test_prune_tokens_keeps_the_exact_decimal_count(device):
+    # The model's path: the extractor's select_context is ops.prune_tokens with causal=True.
+    n = [90, 170, 180, 330]
+    q, k, _, _, _ = attention_inputs(len(n), 4, 2, 340, 8, device=device, seed=5)
+    pos = torch.arange(340, device=device)
+    context = pos < torch.tensor(n, device=device)[:, None]
+    query = (pos >= 332).expand(len(n), -1)
+    key = torch.ones_like(context)
+    for impl in (ops, reference):
+        keep = impl.prune_tokens(q, k, query, context, key, 0.7, 32, True)
+        assert (keep & context).sum(1).tolist() == [63, 119, 126, 231], impl.__name__
+        assert keep[~context].all()
 
 
 def test_select_tokens_edge_cases(device):

@@ -9,11 +9,15 @@
 // neither the T x N nor the N x N matrix is ever materialized.
 //
 // select_tokens: keep[b, j] = key_mask[b, j] && (!context_mask[b, j] || j is among the k best
-// context tokens of sample b), k = n if n < min_keep else max(min_keep, floor(keep_ratio * n)),
-// n = number of valid context tokens. "Best" orders by score descending, then index ascending,
-// so ties are broken towards earlier tokens. Found by a k-th value search, not a sort.
+// context tokens of sample b), k = keep_count(n, keep_ratio, min_keep) (keep_count.h: n if
+// n < min_keep, else max(min_keep, floor(keep_ratio * n)) with the floor of exact decimal
+// arithmetic), n = number of valid context tokens. "Best" orders by score descending, then
+// index ascending, so ties are broken towards earlier tokens. Found by a k-th value search, not
+// a sort.
 #pragma once
 #include <cstdint>
+
+#include "keep_count.h"
 
 namespace lyra {
 

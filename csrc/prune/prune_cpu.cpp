@@ -237,10 +237,7 @@ void select_tokens_cpu(const score_t* scores, const bool* context_mask, const bo
         if (valid[j] && ctx[j]) keys.push_back(order_key(static_cast<double>(s[j])));
       }
       const int64_t n = static_cast<int64_t>(keys.size());
-      const int64_t k = n < min_keep
-                            ? n
-                            : std::max<int64_t>(min_keep, static_cast<int64_t>(
-                                                              std::floor(keep_ratio * n)));
+      const int64_t k = keep_count(n, keep_ratio, min_keep);
       // The k-th largest key; context tokens above it are kept, and of those equal to it the
       // earliest ones until k are reached.
       uint64_t threshold = 0;

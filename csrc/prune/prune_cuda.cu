@@ -364,15 +364,14 @@ __global__ void __launch_bounds__(kSelectThreads)
   const int tid = threadIdx.x;
   auto is_candidate = [&](int64_t j) { return context_mask[j] && key_mask[j]; };
 
-  // n = number of valid context tokens; k as in the header (floor in double, like the CPU).
+  // n = number of valid context tokens; k by the rule of keep_count.h, like the CPU.
   int64_t local = 0;
   for (int64_t j = tid; j < N; j += kSelectThreads) local += is_candidate(j) ? 1 : 0;
   const int64_t n_total = BlockReduce(cub_tmp.reduce).Sum(local);  // valid in thread 0
   if (tid == 0) s_n = n_total;
   __syncthreads();
   const int64_t n = s_n;
-  int64_t k = n < min_keep ? n : max(min_keep, static_cast<int64_t>(floor(keep_ratio * static_cast<double>(n))));
-  k = min(max(k, int64_t(0)), n);
+  const int64_t k = min(max(keep_count(n, keep_ratio, min_keep), int64_t(0)), n);
   const bool keep_all = k == n, keep_none = k == 0;
 
   // Radix select: after the pass at `shift`, `prefix` holds the top bits of the k-th largest

@@ -168,7 +168,7 @@ void check_pruning(std::mt19937_64& rng) {
         return scores[b * N + x] > scores[b * N + y];
       });
       const int64_t n = cand.size();
-      const int64_t kk = n < 8 ? n : std::max<int64_t>(8, int64_t(std::floor(0.3 * n)));
+      const int64_t kk = lyra::keep_count(n, 0.3, 8);
       std::vector<char> want(N, 0);
       for (int64_t j = 0; j < N; ++j) want[j] = key[b * N + j] && !ctx[b * N + j];
       for (int64_t r = 0; r < kk; ++r) want[cand[r]] = 1;
@@ -176,6 +176,62 @@ void check_pruning(std::mt19937_64& rng) {
     }
     expect(wrong == 0, "select_tokens equals a full stable sort", double(wrong));
   }
+}
+
+// Decimal keep ratios p / scale, whose exact kept count is the integer floor p * n / scale.
+struct DecimalRatio {
+  int64_t p, scale;
+  double value() const { return double(p) / double(scale); }  // the double nearest p / scale
+};
+const DecimalRatio kRatios[] = {{35, 100}, {57, 100},   {7, 10},         {5, 10},
+                                {3, 10},   {1, 1},      {1, 100},        {99, 100},
+                                {333, 1000}, {12345, 100000}, {99999, 100000}};
+
+int64_t exact_keep(int64_t n, DecimalRatio r, int64_t min_keep) {
+  return n < min_keep ? n : std::max(min_keep, r.p * n / r.scale);
+}
+
+// keep_count, and the kernel's kept count, against exact integer arithmetic.
+void check_keep_count() {
+  int64_t wrong = 0;
+  for (const DecimalRatio& r : kRatios) {
+    for (int64_t n = 0; n <= 20000; ++n) {
+      for (int64_t min_keep : {0, 32})
+        wrong += lyra::keep_count(n, r.value(), min_keep) != exact_keep(n, r, min_keep);
+    }
+    for (int64_t n = (int64_t(1) << 31) - 20000; n < (int64_t(1) << 31); ++n)
+      wrong += lyra::keep_count(n, r.value(), 0) != exact_keep(n, r, 0);
+  }
+  expect(wrong == 0, "keep_count == exact decimal floor (n <= 20000, n ~ 2^31)", double(wrong));
+  const int64_t pinned = std::abs(lyra::keep_count(90, 0.7, 32) - 63) +
+                         std::abs(lyra::keep_count(170, 0.7, 32) - 119) +
+                         std::abs(lyra::keep_count(180, 0.7, 32) - 126) +
+                         std::abs(lyra::keep_count(330, 0.7, 32) - 231);
+  expect(pinned == 0, "keep_count(90|170|180|330, 0.7) = 63|119|126|231", double(pinned));
+
+  // Row b holds b context tokens out of N: the kernel keeps exact_keep(b) of them.
+  const int64_t B = 400, N = 400;
+  std::vector<double> scores(B * N);
+  std::vector<char> ctx_c(B * N), key_c(B * N, 1), keep_c(B * N);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < N; ++j) {
+      scores[b * N + j] = double((j * 7919) % N);
+      ctx_c[b * N + j] = j < b;
+    }
+  }
+  int64_t wrong_rows = 0;
+  for (const DecimalRatio& r : kRatios) {
+    lyra::select_tokens_cpu<double>(scores.data(), reinterpret_cast<const bool*>(ctx_c.data()),
+                                    reinterpret_cast<const bool*>(key_c.data()), B, N, r.value(),
+                                    0, reinterpret_cast<bool*>(keep_c.data()), 2);
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t kept = 0;
+      for (int64_t j = 0; j < b; ++j) kept += keep_c[b * N + j];
+      wrong_rows += kept != exact_keep(b, r, 0);
+    }
+  }
+  expect(wrong_rows == 0, "select_tokens keeps the exact decimal count (n = 0..399)",
+         double(wrong_rows));
 }
 
 template <typename Fn>
@@ -222,6 +278,7 @@ int main() {
   check_soft_dtw<double>(3, 9, 1, -1, rng, 1e-12, 1e-10);
   check_soft_dtw<double>(1, 700, 600, -1, rng, 1e-12, 1e-9);  // diagonals split across threads
   check_pruning(rng);
+  check_keep_count();
   std::printf("timings (median of 5)\n");
   bench_soft_dtw(16, 300, 60, rng);
   bench_soft_dtw(1, 4500, 1000, rng);

@@ -384,9 +384,7 @@ std::vector<uint8_t> select_reference(const std::vector<double>& scores,
       else keep[j] = valid[j];
     }
     const int64_t n = static_cast<int64_t>(cand.size());
-    int64_t k = n < min_keep ? n
-                             : std::max(min_keep, static_cast<int64_t>(std::floor(keep_ratio * static_cast<double>(n))));
-    k = std::min(k, n);
+    const int64_t k = std::min(lyra::keep_count(n, keep_ratio, min_keep), n);
     std::stable_sort(cand.begin(), cand.end(), [&](int64_t x, int64_t y) {
       const bool nx = std::isnan(scores[x]), ny = std::isnan(scores[y]);
       if (nx || ny) return !nx && ny;
@@ -420,7 +418,7 @@ void run_select_tests(std::mt19937_64& rng) {
   std::vector<score_t> typed(scores.begin(), scores.end());
   DeviceArray<score_t> d_scores(typed);
   DeviceArray<bool> d_context(context), d_valid(valid);
-  for (double ratio : {0.3, 0.0, 0.999, 1.0}) {
+  for (double ratio : {0.3, 0.0, 0.57, 0.7, 0.999, 1.0}) {
     DeviceArray<bool> d_keep(B * N);
     CHECK_CUDA(lyra::select_tokens_cuda(d_scores.ptr, is_double, d_context.ptr, d_valid.ptr, B, N,
                                         ratio, 32, d_keep.ptr, g_stream));
@@ -430,6 +428,42 @@ void run_select_tests(std::mt19937_64& rng) {
     int64_t mismatches = 0;
     for (int64_t j = 0; j < B * N; ++j) mismatches += keep[j] != ref[j];
     report("keep_ratio " + std::to_string(ratio) + ": mismatching tokens", double(mismatches), 0.0);
+  }
+}
+
+// Row b holds b context tokens: the kernel keeps floor(p * b / scale) of them for the decimal
+// ratio p / scale, counted in exact integer arithmetic (0.7 * 90 is 62.99999999999999 in
+// double; 70% of 90 is 63).
+void run_keep_count_tests() {
+  std::printf("select_tokens kept counts vs exact decimal arithmetic\n");
+  const int64_t B = 400, N = 400;
+  std::vector<float> scores(B * N);
+  std::vector<uint8_t> context(B * N), valid(B * N, 1);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < N; ++j) {
+      scores[b * N + j] = static_cast<float>((j * 7919) % N);
+      context[b * N + j] = j < b;
+    }
+  }
+  DeviceArray<float> d_scores(scores);
+  DeviceArray<bool> d_context(context), d_valid(valid);
+  const std::pair<int64_t, int64_t> ratios[] = {{35, 100}, {57, 100}, {7, 10}, {5, 10},
+                                                {3, 10},   {1, 1},    {333, 1000}};
+  for (const auto& [p, scale] : ratios) {
+    DeviceArray<bool> d_keep(B * N);
+    CHECK_CUDA(lyra::select_tokens_cuda(d_scores.ptr, false, d_context.ptr, d_valid.ptr, B, N,
+                                        double(p) / double(scale), 0, d_keep.ptr, g_stream));
+    CHECK_CUDA(cudaStreamSynchronize(g_stream));
+    const std::vector<uint8_t> keep = d_keep.download<uint8_t>();
+    int64_t wrong_rows = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t kept = 0;
+      for (int64_t j = 0; j < b; ++j) kept += keep[b * N + j];
+      wrong_rows += kept != p * b / scale;
+    }
+    report("keep_ratio " + std::to_string(p) + "/" + std::to_string(scale) +
+               ": rows with a wrong count (n = 0..399)",
+           double(wrong_rows), 0.0);
   }
 }
 
@@ -447,6 +481,7 @@ int main() {
   run_scores_tests(rng);
   run_select_tests<float>(rng);
   run_select_tests<double>(rng);
+  run_keep_count_tests();
   CHECK_CUDA(cudaStreamDestroy(g_stream));
   if (g_failures != 0) {
     std::printf("%d CUDA kernel checks FAILED\n", g_failures);

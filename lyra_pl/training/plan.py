@@ -31,10 +31,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass, field
 from typing import Any
+
+from lyra_pl.keep_count import keep_count
 
 GIB = 2**30
 STAGE_SEQ_LEN = {1: 2048, 2: 8192, 3: 131072, 4: 16384}
@@ -135,8 +136,9 @@ def _act_bytes_per_token(h: int, heads: int, kv_heads: int, inter: int, eager_se
 def lmme_tokens_per_layer(config, seq_len: int, lmme: tuple[int, float] | None,
                           context_fraction: float) -> list[int]:
     """Tokens each decoder layer sees. Before the first pruning point all ``seq_len``; after
-    each pruning point the context tokens shrink to ``max(ceil(rho * ctx), min(min_keep, ctx))``;
-    text tokens (``seq_len - round(context_fraction * seq_len)``) are never pruned."""
+    each pruning point the context tokens shrink to ``keep_count(ctx, rho, min_keep)``, what
+    ``select_tokens`` keeps; text tokens (``seq_len - round(context_fraction * seq_len)``) are
+    never pruned."""
     L = config.num_layers
     if not lmme:
         return [seq_len] * L
@@ -148,7 +150,7 @@ def lmme_tokens_per_layer(config, seq_len: int, lmme: tuple[int, float] | None,
     for i in range(L):
         out.append(text + ctx)
         if i in prune_after:
-            ctx = max(math.ceil(rho * ctx), min(config.lmme_min_keep, ctx))
+            ctx = keep_count(ctx, rho, config.lmme_min_keep)
     return out
 
 
