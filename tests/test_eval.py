@@ -1,5 +1,6 @@
 """The eval tasks: reading each data format, the spoken twins of typed questions, scoring rows
-by hand, the shard cache, and an eval task run at the end of validation during fit."""
+by hand, the shard cache, an eval task run at the end of validation during fit (the same
+results as `lyra-pl eval`), and AnswerAccuracy judging answers as the eval metrics do."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+import torch
 
 from lyra_pl.eval.runner import EvalTask, format_results, metric_dict, prepare_data, results
 from lyra_pl.eval.tasks import (SPEECH, TASKS, TEXT, asr_samples, get_task, score_asr,
@@ -188,27 +190,90 @@ def test_prepare_data_converts_once(tmp_path):
 
 
 # ----------------------------------------------------------------------------- during fit
-def test_eval_task_at_validation_end(tmp_path):
+def test_eval_task_during_fit_matches_lyra_pl_eval_on_the_export(tmp_path):
+    """EvalTask at the last validation of a fit and `lyra-pl eval` on that fit's export, on
+    the same data: the same answers, in the same order, and the same scores (one eval path,
+    runner.evaluate)."""
+    from lyra_pl.data.convert import convert
     from lyra_pl.data.datamodule import LyraDataModule
-    from lyra_pl.training.stages import JointSFTStage
+    from lyra_pl.eval.cli import main
+    from lyra_pl.training.callbacks import ExportModel
+    from lyra_pl.training.stages import BaseVLMStage
 
-    dm = LyraDataModule(train=str(tmp_path / "train"),
-                        train_source="data/tiny/stage2_joint.val.json",
-                        val=str(tmp_path / "train"), tokenizer="data/tiny/tokenizer",
-                        batch_size=4, max_length=512)
-    stage = JointSFTStage(preset="tiny", lora_r=4, lora_alpha=8, param_dtype=None)
-    callback = EvalTask("docvqa", limit_batches=1, batch_size=4)
+    samples = json.loads((ROOT / "data/tiny/stage0_vlm.train.json").read_text())[:8]
+    (tmp_path / "train.json").write_text(json.dumps(samples))
+    convert(tmp_path / "train.json", tmp_path / "train", media_root=ROOT / "data/tiny",
+            progress=False)
+    data = prepare_data(TASKS["docvqa"], None, tmp_path / "docvqa", progress=False,
+                        limit=6)[0]  # 3 questions, typed and spoken
+    dm = LyraDataModule(train=str(tmp_path / "train"), val=str(tmp_path / "train"),
+                        tokenizer="data/tiny/tokenizer", batch_size=4, max_length=512)
+    callback = EvalTask("docvqa", data=str(data), batch_size=4, max_new_tokens=4)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=1, logger=False,
-                        val_check_interval=2,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        num_sanity_val_steps=0, default_root_dir=str(tmp_path),
-                        callbacks=[callback], enable_model_summary=False)
-    trainer.fit(stage, datamodule=dm)
-    metrics = trainer.callback_metrics
-    assert metrics["eval/docvqa/all/n"] == 4  # one batch of the limited run
-    assert 0.0 <= float(metrics["eval/docvqa/all/exact_match"]) <= 1.0
-    written = json.loads((tmp_path / "eval" / "docvqa" / "step2.json").read_text())
-    assert written["task"] == "docvqa" and written["scores"]["all"]["n"] == 4
+                        val_check_interval=2, enable_checkpointing=False,
+                        enable_progress_bar=False, num_sanity_val_steps=0,
+                        default_root_dir=str(tmp_path / "run"), enable_model_summary=False,
+                        callbacks=[callback, ExportModel()])
+    # a small lr keeps the answers near-random tokens, different per prompt (the stage's
+    # 1e-3 leaves every answer empty after two steps: nothing to compare)
+    trainer.fit(BaseVLMStage(preset="tiny", lr=1e-5, param_dtype=None), datamodule=dm)
+    assert trainer.callback_metrics["eval/docvqa/all/n"] == 6
+    during = tmp_path / "run" / "eval" / "docvqa"
+    fit_result = json.loads((during / "step2.json").read_text())
+    fit_rows = [json.loads(line) for line in (during / "step2.predictions.jsonl").open()]
+    assert len({r["prediction"] for r in fit_rows}) > 1
+
+    assert main(["--task", "docvqa", "--ckpt", str(tmp_path / "run" / "export"), "--data",
+                 str(data), "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu",
+                 "--dtype", "float32", "--no-mlflow", "--out", str(tmp_path / "eval")]) == 0
+    cli_result = json.loads((tmp_path / "eval" / "docvqa" / "results.json").read_text())
+    cli_rows = [json.loads(line)
+                for line in (tmp_path / "eval" / "docvqa" / "predictions.jsonl").open()]
+    assert [(r["key"], r["prediction"]) for r in cli_rows] == \
+        [(r["key"], r["prediction"]) for r in fit_rows]
+    assert cli_result["scores"] == fit_result["scores"]
+    assert fit_result["scores"]["all"]["n"] == 6 and TEXT in fit_result["scores"]
+
+
+class _Says(L.LightningModule):
+    """A stand-in for a stage's predict_step: answers every prompt with the text its batch
+    carries (``say``), as token ids, with the batch's keys and reference answers."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tok = tokenizer
+
+    def predict_step(self, batch, batch_idx):
+        return {"tokens": [self.tok.encode(t, add_special_tokens=False) for t in batch["say"]],
+                "instruction": ["text"] * len(batch["say"]), "keys": batch["keys"],
+                "answers": batch["answers"], "choices": [None] * len(batch["say"])}
+
+
+def test_answer_accuracy_judges_answers_as_the_eval_metrics_do(tmp_path):
+    """AnswerAccuracy (lyra-pl predict) marks right exactly what the eval's exact match
+    (EvalAI normalization) does: case, punctuation, articles, number words, contractions."""
+    from lyra_pl.data.decode import load_tokenizer
+    from lyra_pl.eval.metrics import exact_match
+    from lyra_pl.training.callbacks import AnswerAccuracy
+
+    cases = [("The Red car.", "red car", True), ("two", "2", True), ("an Apple", "apple", True),
+             ("yes!", "Yes", True), ("t-shirt", "t shirt", True),
+             ("dont know", "don't know", True), ("1,000", "1000", True), ("blue", "red", False),
+             ("3.5", "35", False), ("cats", "cat", False)]
+    batches = [{"say": [c[0] for c in part], "answers": [c[1] for c in part],
+                "keys": [f"q{i}_{j}" for j in range(len(part))]}
+               for i, part in enumerate((cases[:4], cases[4:]))]
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path),
+                        callbacks=[AnswerAccuracy(tokenizer="data/tiny/tokenizer")])
+    trainer.predict(_Says(load_tokenizer(ROOT / "data/tiny/tokenizer")),
+                    torch.utils.data.DataLoader(batches, batch_size=None))
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").open()]
+    assert [(r["prediction"], r["answer"], r["correct"]) for r in rows] == cases
+    assert all(r["correct"] == bool(exact_match(r["prediction"], [r["answer"]])) for r in rows)
+    summary = json.loads((tmp_path / "eval" / "accuracy.json").read_text())
+    assert summary["overall"]["accuracy"] == pytest.approx(0.7)
+    assert TASKS["docvqa"].score(rows)["all"]["exact_match"] == pytest.approx(0.7)
 
 
 def test_eval_cli_checks_the_spelling_map_before_loading(tmp_path):

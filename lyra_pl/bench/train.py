@@ -11,9 +11,15 @@ synchronized); peak memory (CUDA only) is torch's peak allocation over the timed
 
 Model FLOPs per step are counted from the module shapes and the tokens each decoder layer
 really processed (LMME shrinks them): 2 FLOPs per multiply-add; decoder linears forward +
-input gradients (+ weight gradients for the LoRA factors), causal attention 2 n^2 d forward
-and twice that backward; the frozen Whisper encoder forward (non-causal attention, per 30 s
-window); the trainable projector forward + weight gradients; ``lm_head`` on the answer tokens.
+input gradients (+ weight gradients for the LoRA factors of the adapters the batch runs),
+causal attention 2 n^2 d forward and twice that backward (the causal half of the n x n
+products, what FlashAttention computes); the frozen Whisper encoder forward (conv1 at 3000
+mel frames, the rest at 1500 states, non-causal attention, per 30 s window); the trainable
+projector forward + weight gradients + input gradients past its first layer; ``lm_head`` on
+the answer tokens. Not counted: the log-mel features (preprocessing), LMME's token scoring
+(overhead), the LCMR similarity (about 0.1% of a tiny step) and elementwise ops.
+``tests/test_bench.py`` checks the count against torch's ``FlopCounterMode`` on a real
+training step.
 MFU = FLOPs / (step time x the device's peak dense bf16 FLOP/s: H100/H200 SXM 989 TFLOP/s,
 H100 PCIe 756, A100 312, or ``--peak-tflops``). On CPU there is no MFU unless a peak is given.
 """
@@ -24,16 +30,18 @@ import datetime
 import gc
 import math
 import os
+import re
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
 
 from lyra_pl.bench.report import machine_info, write_results
+from lyra_pl.training.tracking import synced_clock
 
 SETTINGS = {"baseline": None, "LMME(4,0.8)": (4, 0.8), "LMME(4,0.7)": (4, 0.7)}
 SYSTEM_TOKENS, INSTRUCTION_TOKENS, ANSWER_TOKENS = 16, 64, 32
@@ -92,39 +100,59 @@ def make_batch(config, seq: int, batch_size: int):
     return {"inputs": collate(samples, ids, config.pad_token_id)}
 
 
-def _linear_params(module: torch.nn.Module, trainable: bool | None = None) -> int:
+def _linear_params(module: torch.nn.Module) -> int:
     """Weights of the Linear / Conv layers under ``module`` (global sizes under FSDP2)."""
-    total = 0
-    for m in module.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)):
-            w = m.weight
-            if trainable is None or w.requires_grad == trainable:
-                total += w.numel()
-    return total
+    return sum(m.weight.numel() for m in module.modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d)))
+
+
+def _decoder_layer_params(layer: torch.nn.Module, adapters: Sequence[str]) -> tuple[int, int]:
+    """(frozen, trainable) weights of the Linear layers one decoder layer runs for a batch with
+    the LoRA ``adapters``: its base linears and those adapters' factors (peft's
+    ``<linear>.lora_A.<adapter>``; a batch's other adapters do not run)."""
+    frozen = trainable = 0
+    for name, m in layer.named_modules():
+        factor = re.fullmatch(r".*\.lora_[AB]\.([^.]+)", name)
+        if not isinstance(m, torch.nn.Linear) or (factor and factor[1] not in adapters):
+            continue
+        if m.weight.requires_grad:
+            trainable += m.weight.numel()
+        else:
+            frozen += m.weight.numel()
+    return frozen, trainable
 
 
 def step_flops(model, tokens_per_layer: list[list[int]], speech_tokens: list[int],
-               windows: int, answer_tokens: int) -> float:
+               windows: int, answer_tokens: int, adapters: Sequence[str],
+               causal: bool = True) -> float:
     """Model FLOPs of one training step (see the module docstring). ``tokens_per_layer``:
-    per sample, the decoder tokens of each layer."""
+    per sample, the decoder tokens of each layer; ``adapters``: the LoRA adapters the batch
+    runs (:meth:`LyraModel.adapters_for`; under FSDP2 the other trainable ones also run, at
+    scale 0: not model FLOPs). ``causal=False``: decoder attention as the full n x n products
+    (what attention with a mask computes, e.g. ``eager``)."""
+    from lyra_pl.model.audio import FRAMES_PER_WINDOW, STATES_PER_WINDOW
+
     cfg = model.config
-    layer = model.llm.layers[0]
-    frozen = _linear_params(layer, trainable=False)
-    lora = _linear_params(layer, trainable=True)
+    frozen, lora = _decoder_layer_params(model.llm.layers[0], adapters)
     d = cfg.num_heads * cfg.head_dim
+    attention = 6 if causal else 12  # n^2 d multiples: forward and backward (twice forward)
     flops = 0.0
     for per_layer in tokens_per_layer:
         for n in per_layer:
             flops += 2 * n * frozen * 2  # forward + input gradients
             flops += 2 * n * lora * 3  # forward + input + weight gradients
-            flops += 2 * n * n * d * 3  # causal attention: forward, backward twice that
+            flops += attention * n * n * d
     flops += 2 * answer_tokens * cfg.hidden_size * cfg.vocab_size * 2
-    proj = sum(p.numel() for p in model.speech_projector.parameters())
-    flops += 2 * sum(speech_tokens) * proj * 2  # forward + weight gradients
-    enc = model.audio_encoder
-    frames = 1500
-    flops += windows * (2 * frames * _linear_params(enc)
-                        + 4 * frames * frames * cfg.audio_dim * cfg.audio_layers)
+    proj = model.speech_projector
+    first, rest = proj.linear1.weight.numel(), _linear_params(proj) - proj.linear1.weight.numel()
+    # forward + weight gradients; input gradients too past the first layer (its input, the
+    # frozen encoder's output, needs none)
+    flops += 2 * sum(speech_tokens) * (2 * first + 3 * rest)
+    whisper = model.audio_encoder.whisper
+    conv1 = whisper.conv1.weight.numel()  # stride 1: runs at the mel frame rate
+    flops += windows * (2 * FRAMES_PER_WINDOW * conv1
+                        + 2 * STATES_PER_WINDOW * (_linear_params(whisper) - conv1)
+                        + 4 * STATES_PER_WINDOW ** 2 * cfg.audio_dim * cfg.audio_layers)
     return flops
 
 
@@ -166,7 +194,8 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
     on_device = stage.transfer_batch_to_device(batch, stage.device, 0)
     tokens, speech = _decoder_tokens(model, on_device)
     windows = int(batch["inputs"].speech.num_windows().sum())
-    flops = step_flops(model, tokens, speech, windows, args.batch_size * ANSWER_TOKENS)
+    flops = step_flops(model, tokens, speech, windows, args.batch_size * ANSWER_TOKENS,
+                       model.adapters_for(batch["inputs"]))
     peak = peak_tflops(device, args.peak_tflops)
     entering = sum(t[0] for t in tokens)
     return Row(name, args.seq, args.batch_size, step_s, entering / step_s, timer.peak_gib,
@@ -175,28 +204,23 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step after ``warmup`` (CUDA synchronized), and the peak
-    memory of those steps."""
+    """Wall time of each training step after ``warmup`` (by
+    :func:`~lyra_pl.training.tracking.synced_clock`), and the peak memory of those steps."""
 
     def __init__(self, warmup: int, device: torch.device):
         self.warmup, self.device = warmup, device
         self.times: list[float] = []
         self.peak_gib = math.nan
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warmup and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._sync()
-        self._t0 = time.perf_counter()
+        self._t0 = synced_clock(self.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._sync()
+        seconds = synced_clock(self.device) - self._t0
         if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self._t0)
+            self.times.append(seconds)
         if self.device.type == "cuda":
             self.peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
 

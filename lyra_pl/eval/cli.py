@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 
 from lyra_pl.eval.tasks import TASKS
@@ -160,14 +159,9 @@ def _broadcast(obj):
 
 
 def run(args: argparse.Namespace, names: list[str]) -> int:
-    from lyra_pl.data.datamodule import resolve_path
-    from lyra_pl.data.decode import load_tokenizer
-
     rank, world = data_parallel(args)
     module, info, context = load_for_inference(args, 32)
     info["processes"] = world
-    tokenizer = resolve_path(args.tokenizer)
-    tok = load_tokenizer(tokenizer)
     loggers = []
     if not args.no_mlflow and rank == 0:
         from lyra_pl.training.tracking import LyraMLFlowLogger
@@ -177,7 +171,7 @@ def run(args: argparse.Namespace, names: list[str]) -> int:
         loggers[0].log_hyperparams({**info, "tasks": ",".join(names),
                                     "data": args.data or "tiny corpus", "limit": args.limit})
     try:
-        _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank, world)
+        _run_tasks(args, names, module, info, context, loggers, rank, world)
     except BaseException:
         for lg in loggers:
             lg.finalize("failed")
@@ -190,46 +184,30 @@ def run(args: argparse.Namespace, names: list[str]) -> int:
     return 0
 
 
-def _run_tasks(args, names, module, info, tok, tokenizer, context, loggers, rank: int = 0,
+def _run_tasks(args, names, module, info, context, loggers, rank: int = 0,
                world: int = 1) -> list[dict]:
-    """Each task: shards, answers, scores, files and metrics; then the summary. With several
-    processes all answer, and rank 0 alone converts the data (first) and writes."""
-    from lyra_pl.data.datamodule import LyraDataModule, resolve_path
-    from lyra_pl.eval.runner import (answer, format_results, log_to, metric_dict,
-                                     prepare_data_once, results, write_outputs)
-    from lyra_pl.eval.tasks import with_spelling_map
+    """Each task (:func:`~lyra_pl.eval.runner.evaluate`, as ``EvalTask`` runs it during fit),
+    then its files and metrics; then the summary. With several processes all answer, and
+    rank 0 alone converts the data (first) and writes."""
+    from lyra_pl.eval.runner import evaluate, format_results, log_to, metric_dict, write_outputs
 
     records = []
     for name in names:
-        task, spelling = with_spelling_map(TASKS[name], args.spelling_map, info["whisper"])
-        t0 = time.perf_counter()
         if rank == 0:
             print(f"\n=== {name}", flush=True)
-        shards, report = prepare_data_once(
-            task, args.data, args.out / name / "data", rank == 0,
-            _broadcast if world > 1 else lambda obj: obj, limit=args.limit)
-        not_converted = report.get("skipped", [])
-        dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer),
-                            batch_size=args.batch_size, max_length=None,
-                            expected_ids=dict(module.config.placeholder_ids))
-        rows, skipped = answer(module, dm.predict_dataloader(), tok,
-                               args.max_new_tokens or task.max_new_tokens, context=context,
-                               progress=rank == 0, rank=rank, world=world)
-        if not rows:
-            raise RuntimeError(f"{name}: the model answered no sample (see the warnings above)")
-        used = {"spelling_map": str(spelling) if spelling else None} if name == "asr" else {}
-        record = results(task, rows, **info, **used,
-                         data=str(resolve_path(args.data or task.data)), shards=str(shards),
-                         not_converted=not_converted, skipped_at_decode=[list(s) for s in skipped],
-                         seconds=round(time.perf_counter() - t0, 1),
-                         date=datetime.datetime.now().isoformat(timespec="seconds"))
+        record, rows = evaluate(
+            TASKS[name], module, args.tokenizer, args.data, args.out / name / "data",
+            args.batch_size, args.max_new_tokens, limit=args.limit,
+            spelling_map=args.spelling_map, context=context, progress=rank == 0, rank=rank,
+            world=world, broadcast=_broadcast if world > 1 else lambda obj: obj, **info,
+            date=datetime.datetime.now().isoformat(timespec="seconds"))
         records.append(record)
         if rank != 0:
             continue
         files = write_outputs(args.out, record, rows)
         log_to(loggers, metric_dict(record), files)
         print(format_results([record]), flush=True)
-        lost = len(not_converted) + len(skipped)
+        lost = len(record["not_converted"]) + len(record["skipped_at_decode"])
         if lost:
             print(f"warning: {lost} {name} sample(s) could not be read and are not scored "
                   f"(see {files[1]})", file=sys.stderr)

@@ -3,8 +3,9 @@ table, a JSON file and logger metrics.
 
 - :func:`prepare_data`: a task's samples (:mod:`lyra_pl.eval.tasks`) -> the training shard
   format (``lyra-pl data convert``), converted again only when the samples change.
-- :func:`answer`: a stage module's greedy answers to a prompt loader, as rows to score
-  (what ``lyra-pl eval`` runs).
+- :func:`evaluate`: one task on a stage module: shards, greedy answers (:func:`answer`),
+  scores. The one eval path: ``lyra-pl eval`` runs it per task, :class:`EvalTask` at the end
+  of validation.
 - :class:`EvalTask`: a callback for ``fit`` configs: the task at the end of validation every
   ``every_n_epochs``, logged as ``eval/<task>/<group>/<metric>`` (so ``ModelCheckpoint`` can
   monitor it).
@@ -15,6 +16,7 @@ import hashlib
 import itertools
 import json
 import re
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -94,14 +96,24 @@ def rows_from_outputs(outputs: dict[str, Any], tokenizer) -> list[Row]:
     batch (:mod:`lyra_pl.data.stream`)."""
     if outputs.get("padding"):
         return []
-    rows = []
-    for i, ids in enumerate(outputs["tokens"]):
-        extra = outputs.get("extras", [{}] * len(outputs["tokens"]))[i]
-        rows.append({"key": outputs["keys"][i], "variant": extra.get("variant"),
-                     "pair": extra.get("pair"), "instruction": outputs["instruction"][i],
-                     "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                     "answer": outputs["answers"][i], "extra": extra})
-    return rows
+    n = len(outputs["tokens"])
+    extras = outputs.get("extras") or [{}] * n
+    choices = outputs.get("choices") or [None] * n
+    return [{"key": outputs["keys"][i], "variant": extras[i].get("variant"),
+             "pair": extras[i].get("pair"), "instruction": outputs["instruction"][i],
+             "prediction": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+             "answer": outputs["answers"][i], "choices": choices[i], "extra": extras[i]}
+            for i, ids in enumerate(outputs["tokens"])]
+
+
+def gather_lists(items: list[Any], world: int) -> list[Any]:
+    """Every rank's ``items`` on every rank, concatenated in rank order (the default process
+    group's ranks; ``items`` itself with one process)."""
+    if world == 1:
+        return items
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
 
 
 def results(task: Task, rows: Sequence[Row], **info: Any) -> dict[str, Any]:
@@ -164,7 +176,7 @@ def log_to(loggers: Sequence[Any], metrics: dict[str, float], files: Sequence[Pa
                 lg.experiment.log_artifact(lg.run_id, str(f), artifact_path="eval")
 
 
-# ----------------------------------------------------------------------------- callbacks
+# ----------------------------------------------------------------------------- answers
 def answer(module: L.LightningModule, loader, tokenizer, max_new_tokens: int,
            limit_batches: int | None = None, context: Callable[[], Any] = nullcontext,
            progress: bool = False, rank: int = 0, world: int = 1
@@ -201,13 +213,49 @@ def answer(module: L.LightningModule, loader, tokenizer, max_new_tokens: int,
                     rows.append((index, out))
     finally:
         module.max_new_tokens = previous
-    if world > 1:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, rows)
-        rows = sorted((r for part in gathered for r in part), key=lambda r: r[0])
+    rows = sorted(gather_lists(rows, world), key=lambda r: r[0])
     return [row for _, batch_rows in rows for row in batch_rows], skipped
 
 
+def evaluate(task: Task, module: L.LightningModule, tokenizer: str | Path,
+             data: str | Path | None, cache: str | Path, batch_size: int = 8,
+             max_new_tokens: int | None = None, limit: int | None = None,
+             limit_batches: int | None = None, spelling_map: str | Path | None = None,
+             context: Callable[[], Any] = nullcontext, progress: bool = False, rank: int = 0,
+             world: int = 1, broadcast: Callable[[Any], Any] = lambda obj: obj, **info: Any
+             ) -> tuple[dict[str, Any], list[Row]]:
+    """One eval task on a stage module: (its result record, the scored rows). The task's
+    ``data`` as shards under ``cache`` (:func:`prepare_data_once`; ``limit``: first samples),
+    the module's greedy answers (:func:`answer`; ``limit_batches``: first batches), scored
+    (asr: with Whisper's ``spelling_map``, by default the module's Whisper checkpoint's,
+    :func:`~lyra_pl.eval.tasks.with_spelling_map`). ``info`` goes into the record. With
+    ``world`` > 1 every rank calls it and gets the same record; ``broadcast`` sends rank 0's
+    object to all."""
+    from lyra_pl.data.datamodule import LyraDataModule, resolve_path
+    from lyra_pl.data.decode import load_tokenizer
+
+    t0 = time.perf_counter()
+    task, spelling = with_spelling_map(task, spelling_map, getattr(module, "whisper", None))
+    shards, report = prepare_data_once(task, data, cache, rank == 0, broadcast,
+                                       progress=progress, limit=limit)
+    dm = LyraDataModule(predict=str(shards), tokenizer=str(tokenizer), batch_size=batch_size,
+                        max_length=None, expected_ids=dict(module.config.placeholder_ids))
+    rows, skipped = answer(module, dm.predict_dataloader(),
+                           load_tokenizer(resolve_path(tokenizer)),
+                           max_new_tokens or task.max_new_tokens, limit_batches, context,
+                           progress, rank, world)
+    if not rows:
+        raise RuntimeError(f"{task.name}: the model answered no sample of {shards} (see the "
+                           "warnings above)")
+    used = {"spelling_map": str(spelling) if spelling else None} if task.name == "asr" else {}
+    record = results(task, rows, **info, **used, data=str(resolve_path(data or task.data)),
+                     shards=str(shards), not_converted=report.get("skipped", []),
+                     skipped_at_decode=[list(s) for s in skipped],
+                     seconds=round(time.perf_counter() - t0, 1))
+    return record, rows
+
+
+# ----------------------------------------------------------------------------- callback
 class EvalTask(L.Callback):
     """An eval task at the end of validation during ``fit``: greedy answers to the task's
     data, scored and logged as ``eval/<task>/<group>/<metric>`` (e.g.
@@ -242,28 +290,10 @@ class EvalTask(L.Callback):
         self.tokenizer = tokenizer
         self.every_n_epochs = every_n_epochs
         self.batch_size = batch_size
-        self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
+        self.max_new_tokens = max_new_tokens
         self.limit_batches = limit_batches
         self.spelling_map = spelling_map
-        self._shards: Path | None = None
         self._validations = 0
-
-    def _loader(self, trainer, pl_module):
-        from lyra_pl.data.datamodule import LyraDataModule
-
-        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
-        if tokenizer is None:
-            raise ValueError(f"EvalTask({self.task.name}) needs a tokenizer directory")
-        if self._shards is None:
-            cache = Path(trainer.default_root_dir) / "eval_data" / self.task.name
-            self._shards = prepare_data_once(
-                self.task, self.data, cache, trainer.is_global_zero,
-                lambda obj: trainer.strategy.broadcast(obj, src=0), progress=False)[0]
-        config = getattr(pl_module, "config", None)
-        dm = LyraDataModule(predict=str(self._shards), tokenizer=tokenizer,
-                            batch_size=self.batch_size, max_length=None,
-                            expected_ids=dict(config.placeholder_ids) if config else None)
-        return dm.predict_dataloader(), tokenizer
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
@@ -271,25 +301,20 @@ class EvalTask(L.Callback):
         self._validations += 1
         if self._validations % self.every_n_epochs:
             return
-        from lyra_pl.data.datamodule import resolve_path
-        from lyra_pl.data.decode import load_tokenizer
-
-        loader, tokenizer = self._loader(trainer, pl_module)
-        tok = load_tokenizer(resolve_path(tokenizer))
-        rows, _ = answer(pl_module, loader, tok, self.max_new_tokens, self.limit_batches,
-                         trainer.precision_plugin.forward_context,
-                         rank=trainer.global_rank, world=trainer.world_size)
-        if not rows:
-            rank_zero_info(f"EvalTask({self.task.name}): no sample could be answered; "
-                           "nothing logged")
-            return
-        task, _ = with_spelling_map(self.task, self.spelling_map,
-                                    getattr(pl_module, "whisper", None))
-        result = results(task, rows, epoch=trainer.current_epoch, step=trainer.global_step)
-        metrics = metric_dict(result)
-        pl_module.log_dict(metrics, sync_dist=False)
+        tokenizer = self.tokenizer or getattr(trainer.datamodule, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(f"EvalTask({self.task.name}) needs a tokenizer directory")
+        root = Path(trainer.default_root_dir)
+        result, rows = evaluate(
+            self.task, pl_module, tokenizer, self.data, root / "eval_data" / self.task.name,
+            self.batch_size, self.max_new_tokens, limit_batches=self.limit_batches,
+            spelling_map=self.spelling_map, context=trainer.precision_plugin.forward_context,
+            rank=trainer.global_rank, world=trainer.world_size,
+            broadcast=lambda obj: trainer.strategy.broadcast(obj, src=0),
+            epoch=trainer.current_epoch, step=trainer.global_step)
+        pl_module.log_dict(metric_dict(result), sync_dist=False)
         if trainer.is_global_zero:
-            out = Path(trainer.default_root_dir) / "eval" / self.task.name
+            out = root / "eval" / self.task.name
             out.mkdir(parents=True, exist_ok=True)
             (out / f"step{trainer.global_step}.json").write_text(json.dumps(result, indent=1))
             write_rows(out / f"step{trainer.global_step}.predictions.jsonl", rows)

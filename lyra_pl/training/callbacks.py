@@ -8,9 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+
+from lyra_pl.eval.metrics import exact_match, normalize_answer
+from lyra_pl.eval.runner import gather_lists, rows_from_outputs, write_rows
+from lyra_pl.training.tracking import logger_step
 
 
 class ExportModel(L.Callback):
@@ -29,12 +32,13 @@ class ExportModel(L.Callback):
 
 
 class AnswerAccuracy(L.Callback):
-    """Scores ``predict`` outputs against the held-out answers: exact match after stripping
-    whitespace, case and a final period. Writes ``predictions.jsonl`` and ``accuracy.json``
-    (overall, per instruction kind and per set of choices, with chance = 1 / number of choices and the majority
-    baseline of always answering the most frequent reference answer), prints a table, and
-    logs the numbers to the trainer's loggers. On several ranks the answers are gathered
-    first: the files and numbers cover every sample once (padding batches are dropped)."""
+    """Scores ``predict`` outputs against the held-out answers: correct is the eval's exact
+    match (:func:`lyra_pl.eval.metrics.exact_match`, EvalAI answer normalization). Writes
+    ``predictions.jsonl`` and ``accuracy.json`` (overall, per instruction kind and per set of
+    choices, with chance = 1 / number of choices and the majority baseline of always answering
+    the most frequent reference answer), prints a table, and logs the numbers to the trainer's
+    loggers. On several ranks the answers are gathered first: the files and numbers cover
+    every sample once (padding batches are dropped)."""
 
     def __init__(self, output_dir: str | None = None, tokenizer: str | None = None):
         self.output_dir = output_dir
@@ -53,31 +57,17 @@ class AnswerAccuracy(L.Callback):
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx,
                              dataloader_idx=0) -> None:
-        if outputs.get("padding"):  # keeps the ranks in step; its answers are not scored
-            return
-        for i, ids in enumerate(outputs["tokens"]):
-            text = self._tok.decode(ids, skip_special_tokens=True)
-            answer = outputs["answers"][i]
-            choices = outputs["choices"][i]
-            self.rows.append({"key": outputs["keys"][i], "instruction": outputs["instruction"][i],
-                              "prediction": text, "answer": answer, "choices": choices,
-                              "correct": _norm(text) == _norm(answer)})
+        self.rows += rows_from_outputs(outputs, self._tok)  # none from a padding batch
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        rows = self.rows
-        if trainer.world_size > 1:  # every rank answered its share: score them together
-            parts: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, rows)
-            rows = [row for part in parts for row in part]
+        rows = gather_lists(self.rows, trainer.world_size)  # every rank answered its share
         if not rows:
             return
         summary = accuracy_summary(rows)
         if trainer.is_global_zero:
             out = Path(self.output_dir or Path(trainer.default_root_dir) / "eval")
             out.mkdir(parents=True, exist_ok=True)
-            with open(out / "predictions.jsonl", "w") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            write_rows(out / "predictions.jsonl", [{**r, "correct": correct(r)} for r in rows])
             (out / "accuracy.json").write_text(json.dumps(summary, indent=1))
         rank_zero_info(format_summary(summary))
         metrics = {f"eval/{k}": v for k, v in summary["overall"].items() if isinstance(v, float)}
@@ -90,8 +80,9 @@ class AnswerAccuracy(L.Callback):
             lg.log_metrics(metrics)
 
 
-def _norm(text: str | None) -> str:
-    return (text or "").strip().lower().rstrip(".").strip()
+def correct(row: dict[str, Any]) -> bool:
+    """Whether a row's prediction is its answer, by the eval's exact match."""
+    return exact_match(row["prediction"], [row["answer"]]) == 1.0
 
 
 def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -106,8 +97,8 @@ def accuracy_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     def stats(rs: list[dict[str, Any]]) -> dict[str, Any]:
         n = len(rs)
         chance = [1.0 / len(r["choices"]) for r in rs if r.get("choices")]
-        majority = Counter(_norm(r["answer"]) for r in rs).most_common(1)[0][1] / n
-        return {"n": n, "accuracy": sum(r["correct"] for r in rs) / n,
+        majority = Counter(normalize_answer(r["answer"]) for r in rs).most_common(1)[0][1] / n
+        return {"n": n, "accuracy": sum(map(correct, rs)) / n,
                 "chance": sum(chance) / len(chance) if chance else float("nan"),
                 "majority": majority}
 
@@ -141,9 +132,9 @@ class EdgeStepLogs(L.Callback):
     longer one left its final loss out. At the same step numbers as Lightning's own logs."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Lightning logs this batch, after this hook, at step ``_batches_that_stepped`` when
+        # Lightning logs this batch, after this hook, at step logger_step(trainer) when
         # (step + 1) % log_every_n_steps == 0 (LoggerConnector.should_update_logs)
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = logger_step(trainer)
         last = (0 < trainer.max_steps <= trainer.global_step
                 or (trainer.current_epoch + 1 == trainer.max_epochs
                     and batch_idx + 1 == trainer.num_training_batches))

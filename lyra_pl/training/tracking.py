@@ -5,7 +5,9 @@
   offline, unlike ``file:./mlruns``), and plots of every logged metric uploaded at the end.
 - :class:`TrackConfig`: LightningCLI's config saver that also logs every config value as an
   MLflow param (flattened, ``trainer.max_epochs`` style) and the config file as an artifact.
-- :class:`Throughput`: tokens per second of training, from the stage's ``train/tokens``.
+- :class:`Throughput`: tokens per second of training, from the stage's ``train/tokens``,
+  timed between device synchronizations (:func:`synced_clock`) on the logged steps.
+- :func:`logger_step`: the step number Lightning logs training metrics at.
 
 mlflow is imported only when used (the GPU machines may not have it).
 """
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -148,16 +151,41 @@ class TrackConfig(SaveConfigCallback):
                 lg.experiment.log_artifact(lg.run_id, str(path))
 
 
+def logger_step(trainer: L.Trainer) -> int:
+    """The step number Lightning gives the training metrics it logs: the batches that have
+    stepped the optimizer so far. ``trainer.global_step`` is no substitute: it counts every
+    optimizer's steps, and in ``on_train_batch_end`` it already includes this batch's step,
+    unless the batch only accumulated gradients. Lightning has no public name for this
+    number; its ``LoggerConnector``, ``LearningRateMonitor`` and ``DeviceStatsMonitor`` read
+    the same loop attribute, and here only this function does."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def synced_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device has finished the work queued on it. CUDA runs
+    kernels asynchronously: a clock read without the sync charges a step with the previous
+    step's queued kernels instead of its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class Throughput(L.Callback):
-    """Logs ``train/tokens_per_s``: tokens entering the decoder per second of training step."""
+    """Logs ``train/tokens_per_s``: tokens entering the decoder (the stage's ``train/tokens``)
+    per second of training step (forward, backward and optimizer step), timed by
+    :func:`synced_clock` from the step's start to its end. Only the steps that Lightning
+    sends to the loggers are timed (its ``(step + 1) % log_every_n_steps == 0`` rule): a sync
+    stops the host from queueing the next step's kernels while the device works."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._t0 = time.perf_counter()
+        every = trainer.log_every_n_steps
+        logged = every > 0 and (logger_step(trainer) + 1) % every == 0
+        self._t0 = synced_clock(pl_module.device) if logged else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         tokens = trainer.callback_metrics.get("train/tokens")
-        if tokens is None or not hasattr(self, "_t0"):
+        if self._t0 is None or tokens is None:
             return
-        seconds = max(time.perf_counter() - self._t0, 1e-9)
-        pl_module.log("train/tokens_per_s", float(tokens) / seconds, on_step=True,
+        seconds = synced_clock(pl_module.device) - self._t0
+        pl_module.log("train/tokens_per_s", float(tokens) / max(seconds, 1e-9), on_step=True,
                       on_epoch=False, batch_size=1)
