@@ -1,5 +1,6 @@
 """FSDP2 on CPU: two gloo processes shard the tiny model and reproduce the single-process loss
-and gradients (PLATFORM.md: FSDP2 works on CPU with gloo)."""
+and gradients, also with compiled layers (PLATFORM.md: FSDP2 works on CPU with gloo); a model
+built on the meta device, sharded and materialized starts by the single-process init rule."""
 from __future__ import annotations
 
 import os
@@ -33,7 +34,8 @@ def _batch() -> LyraInputs:
     )
 
 
-def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False) -> None:
+def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False,
+            compile: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -56,8 +58,8 @@ def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False) -> 
             mesh = init_device_mesh("cpu", (2, 1), mesh_dim_names=("replicate", "shard"))
         else:
             mesh = init_device_mesh("cpu", (2,))
-        parallelize(model, mesh, activation_checkpointing=checkpointing, param_dtype=None,
-                    reduce_dtype=None)
+        parallelize(model, mesh, activation_checkpointing=checkpointing, compile=compile,
+                    param_dtype=None, reduce_dtype=None)
         held, sharded, whole = parameter_share(model)
         if hybrid:
             placements = next(model.llm.layers[0].parameters()).placements
@@ -69,6 +71,7 @@ def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False) -> 
         assert whole == sum(p.numel() for p in model.audio_encoder.whisper.parameters())
         assert sharded + whole == total
         out = model(batch)
+        assert all(torch.equal(a, b) for a, b in zip(out.keeps, ref.keeps))
         torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.lcmr_loss, ref.lcmr_loss, rtol=1e-5, atol=1e-6)
         out.loss.backward()
@@ -76,6 +79,48 @@ def _worker(rank: int, port: int, checkpointing: bool, hybrid: bool = False) -> 
         for n in names:
             torch.testing.assert_close(params[n].grad.full_tensor(), ref_grads[n],
                                        rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _init_worker(rank: int, port: int) -> None:
+    """Meta build, a LoRA adapter, FSDP2, materialize: the gathered weights follow each part's
+    rule and have the statistics of the model built on one process."""
+    from test_init import check_rules, group_stats
+
+    from lyra_pl.model import lora
+    from lyra_pl.training.parallelize import materialize
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        cfg = LyraConfig.from_preset("tiny")
+        torch.manual_seed(0)
+        ref = LyraModel(cfg)
+        lora.add_adapter(ref.llm, "speech", lora.LoraSpec(r=4, alpha=8))
+        with torch.device("meta"):
+            model = LyraModel(cfg)
+        lora.add_adapter(model.llm, "speech", lora.LoraSpec(r=4, alpha=8))
+        parallelize(model, init_device_mesh("cpu", (2,)), param_dtype=None, reduce_dtype=None)
+        materialize(model, "cpu")
+        assert parameter_share(model)[0] < parameter_share(model)[1]  # it is sharded
+        whole = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+                 for n, p in model.named_parameters()}
+        with torch.device("meta"):
+            gathered = LyraModel(cfg)
+        lora.add_adapter(gathered.llm, "speech", lora.LoraSpec(r=4, alpha=8))
+        gathered.load_state_dict(whole, strict=False, assign=True)
+        gathered.init_buffers("cpu")
+        check_rules(gathered, padding_row=False)  # a padding-row write misses a shard
+        want = group_stats(ref)
+        for group, (mean, std) in group_stats(gathered).items():
+            # >= 4,000 values per group: the std agrees within 5 sigma (~2% each)
+            assert abs(std - want[group][1]) <= 0.05 * want[group][1], (group, std, want[group])
+            assert abs(mean - want[group][0]) <= 0.05 * want[group][1], (group, mean, want[group])
+        for n, b in model.named_buffers():
+            torch.testing.assert_close(b, dict(ref.named_buffers())[n], rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
 
@@ -89,6 +134,16 @@ def _free_port() -> int:
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fsdp2_two_processes_match_one(checkpointing):
     mp.spawn(_worker, args=(_free_port(), checkpointing), nprocs=2, join=True)
+
+
+def test_fsdp2_with_compiled_layers_matches_one():
+    """Every decoder layer compiled (fullgraph) and sharded, LMME pruning between them: the
+    single-process eager loss, keep sets and gradients."""
+    mp.spawn(_worker, args=(_free_port(), False, False, True), nprocs=2, join=True)
+
+
+def test_sharded_materialize_follows_the_init_rule():
+    mp.spawn(_init_worker, args=(_free_port(),), nprocs=2, join=True)
 
 
 def _saved_bytes(model) -> int:

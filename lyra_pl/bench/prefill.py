@@ -42,21 +42,15 @@ class Row:
 
 
 def build_model(preset: str, device: torch.device, dtype: torch.dtype):
-    """The preset's model with random weights, allocated directly on ``device`` in ``dtype``
-    (built on the meta device: no full-precision copy is ever made)."""
+    """The preset's model with random weights (the model's own init), allocated directly on
+    ``device`` in ``dtype`` (built on the meta device: no full-precision copy is ever made)."""
     from lyra_pl.model import LyraConfig, LyraModel
 
     config = LyraConfig.from_preset(preset)
     with torch.device("meta"):
         model = LyraModel(config)
     model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02)
-    model.init_buffers(device)
+    model.init_weights(device)
     return model.eval()
 
 
@@ -78,7 +72,8 @@ def prompt(config, tokens: int, device: torch.device, dtype: torch.dtype):
         targets=torch.full((1, tokens), IGNORE, device=device),
         answer=torch.zeros(1, tokens, dtype=torch.bool, device=device),
         context=context.view(1, -1), instruction=(index >= tokens - INSTRUCTION_TOKENS).view(1, -1),
-        next_position=torch.tensor([tokens], device=device))
+        next_position=torch.tensor([tokens], device=device),
+        host_lengths=(tokens,), n_targets=0, n_answers=(0,))
 
 
 def _sync(device: torch.device) -> None:
@@ -106,7 +101,7 @@ def run_case(model, setting: tuple[int, float] | None, tokens: int, decode_token
     def prefill():
         cache = DecoderCache()
         state, keeps = run_layers(model.llm, TokenState.from_assembled(assembled), prune_at, rho,
-                                  cfg.lmme_min_keep, cache)
+                                  cfg.lmme_min_keep, cache, cfg.lmme_causal)
         return cache, state, keeps
 
     m = measure(prefill, device, repeats, warmup=1, budget_s=budget_s)

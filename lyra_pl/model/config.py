@@ -83,6 +83,9 @@ class LyraConfig:
     generator_intermediate: int = 128
     generator_upsample: int = 25
     n_units: int = 1000
+    generator_rope_theta: float | None = None
+    """RoPE base of the speech generator's layers. None: the LLM's ``rope_theta``, which the
+    official generator inherits (it copies the LLM's config); set a value to override it."""
     # --- token ids
     image_token_id: int = 500
     video_token_id: int = 501
@@ -94,6 +97,10 @@ class LyraConfig:
     lmme_blocks: int = 0
     lmme_keep_ratio: float = 0.7
     lmme_min_keep: int = 32
+    lmme_causal: bool = True
+    """LMME scores each context token by the attention it gets from the instruction rows, each
+    row a softmax over the keys that row attends to. True: the causal keys (the model's real
+    attention). False: every key of the sample (the official code's non-causal scoring)."""
     # --- LCMR: soft-DTW between projected speech and transcript embeddings
     lcmr_gamma: float = 0.1
     lcmr_temperature: float = 0.06
@@ -136,6 +143,11 @@ class LyraConfig:
             "speech": self.speech_token_id,
             "sound": self.sound_token_id,
         }
+
+    @property
+    def generator_theta(self) -> float:
+        """The speech generator's RoPE base: ``generator_rope_theta``, else the LLM's."""
+        return self.rope_theta if self.generator_rope_theta is None else self.generator_rope_theta
 
     def lmme_layers(self) -> tuple[int, ...]:
         """0-based indices of the layers after which LMME prunes: the last layer of each of the
@@ -183,6 +195,11 @@ class LyraConfig:
         need(0 < self.lmme_keep_ratio <= 1, f"lmme_keep_ratio must be in (0, 1], got "
              f"{self.lmme_keep_ratio}")
         need(self.lmme_min_keep >= 0, f"lmme_min_keep must be >= 0, got {self.lmme_min_keep}")
+        need(isinstance(self.lmme_causal, bool),
+             f"lmme_causal must be a bool, got {self.lmme_causal!r}")
+        need(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta}")
+        need(self.generator_rope_theta is None or self.generator_rope_theta > 0,
+             f"generator_rope_theta must be > 0 or None, got {self.generator_rope_theta}")
         need(self.lcmr_gamma > 0 and self.lcmr_temperature > 0 and self.lcmr_weight >= 0,
              "lcmr_gamma and lcmr_temperature must be > 0 and lcmr_weight >= 0")
         need(self.lcmr_normalize in ("length_sum", "x_length", "none"),

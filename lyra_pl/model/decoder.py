@@ -1,20 +1,38 @@
 """Our layer loop over transformers' Qwen2-VL decoder layers, with LMME between blocks.
 
-The layers are reused as they are (``Qwen2VLDecoderLayer``); this file only decides what they
-see: positions, masks and, after each pruning layer, the compacted token batch. Sequences are
-right-padded, so with a causal mask no real token ever attends to padding and the full-sequence
-pass needs no explicit mask under SDPA (its flash/memory-efficient kernels then apply).
+The layers are transformers' ``Qwen2VLDecoderLayer``, subclassed only so that a pruning layer
+can also return the query and key LMME scores with (:class:`LyraDecoderLayer`); this file
+decides what they see: positions, masks and, after each pruning layer, the compacted token
+batch. Sequences are right-padded, so with a causal mask no real token ever attends to padding
+and the full-sequence pass needs no explicit mask under SDPA (its flash/memory-efficient
+kernels then apply).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
-from lyra_pl.model.extractor import TokenState, capture_qk, rotated_qk, select_context
+from lyra_pl.model.extractor import TokenState, scoring_qk, select_context
+
+
+class LyraDecoderLayer(Qwen2VLDecoderLayer):
+    """transformers' Qwen2-VL decoder layer (same modules, same state-dict keys) that, called
+    with ``return_qk=True``, returns ``(hidden, q, k)``: also the post-RoPE query and key of its
+    input (:func:`~lyra_pl.model.extractor.scoring_qk`, no autograd). Computed inside the
+    layer's own forward, so they are what FSDP2's gathered parameters, peft's LoRA wrappers and
+    ``torch.compile``'s graph of the layer give, with no hooks."""
+
+    def forward(self, hidden_states: Tensor, *args, return_qk: bool = False, **kwargs):
+        out = super().forward(hidden_states, *args, **kwargs)
+        if not return_qk:
+            return out
+        cos, sin = kwargs["position_embeddings"]
+        q, k = scoring_qk(self, hidden_states, cos, sin)
+        return out, q, k
 
 
 @dataclass
@@ -57,21 +75,28 @@ def run_layers(
     keep_ratio: float = 1.0,
     min_keep: int = 32,
     cache: DecoderCache | None = None,
+    causal: bool = True,
 ) -> tuple[TokenState, list[Tensor]]:
     """Full-sequence pass (training, evaluation, generation prefill).
 
     Args:
         llm: the Qwen2-VL text model; its ``layers``, ``rotary_emb`` and ``norm`` are used.
         state: the assembled tokens; ``state.hidden`` holds the input embeddings.
-        prune_at: 0-based layers after which LMME prunes (``LyraConfig.lmme_layers()``).
+        prune_at: 0-based layers after which LMME prunes (``LyraConfig.lmme_layers()``); they
+            must be :class:`LyraDecoderLayer` (``LyraModel`` builds every layer as one).
         cache: filled for generation when given.
+        causal: LMME scoring over the causal keys, or over all keys (``LyraConfig.lmme_causal``).
 
     Returns:
         The final state (``hidden`` after the final norm, compacted if pruned) and the keep
         mask of each pruning step (B, N_before).
     """
+    bad = [i for i in prune_at if not (0 <= i < len(llm.layers)
+                                       and isinstance(llm.layers[i], LyraDecoderLayer))]
+    if bad:
+        raise ValueError(f"prune_at: layer {bad[0]} is not a LyraDecoderLayer of the "
+                         f"{len(llm.layers)} layers (LMME needs the layers LyraModel builds)")
     impl = llm.config._attn_implementation
-    head_dim = llm.config.hidden_size // llm.config.num_attention_heads
     h = state.hidden
     cos, sin = llm.rotary_emb(h, state.positions)
     mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
@@ -82,19 +107,17 @@ def run_layers(
         cache.block_of_layer = []
     for i, layer in enumerate(llm.layers):
         prune = i in prune_at
-        with capture_qk(layer.self_attn) if prune else nullcontext() as captured:
-            h = layer(
-                h,
-                attention_mask=mask,
-                position_embeddings=(cos, sin),
-                past_key_values=None if cache is None else cache.kv,
-                use_cache=cache is not None,
-            )
+        kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin),
+                      past_key_values=None if cache is None else cache.kv,
+                      use_cache=cache is not None)
+        if prune:
+            h, q, k = layer(h, return_qk=True, **kwargs)
+        else:
+            h = layer(h, **kwargs)
         if cache is not None:
             cache.block_of_layer.append(len(cache.key_valid) - 1)
         if prune:
-            q, k = rotated_qk(captured, cos, sin, head_dim)
-            keep = select_context(state, q, k, keep_ratio, min_keep)
+            keep = select_context(state, q, k, keep_ratio, min_keep, causal)
             keeps.append(keep)
             state = TokenState.compact(_with_hidden(state, h), keep)
             h = state.hidden

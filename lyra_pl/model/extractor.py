@@ -1,17 +1,15 @@
 """LMME, the latent multi-modality extractor: drop the context tokens the instruction does not
 attend to, between blocks of decoder layers.
 
-At a pruning layer the layer's own query and key projections are captured with forward hooks
-(no second projection, no patched attention), RoPE is applied to them, and
-:func:`lyra_pl.ops.prune_tokens` picks the survivors in one fused pass that never materializes
-the attention matrix. :class:`TokenState` then compacts every per-token tensor with
-:func:`lyra_pl.ops.compact`, batched, keeping token order and right padding.
+At a pruning layer the layer itself returns the post-RoPE query and key of its input
+(:class:`~lyra_pl.model.decoder.LyraDecoderLayer` calls :func:`scoring_qk` inside its forward),
+and :func:`lyra_pl.ops.prune_tokens` picks the survivors in one fused pass that never
+materializes the attention matrix. :class:`TokenState` then compacts every per-token tensor
+with :func:`lyra_pl.ops.compact`, batched, keeping token order and right padding.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -62,42 +60,39 @@ class TokenState:
         return replace(self, **out)
 
 
-@contextmanager
-def capture_qk(attn: nn.Module) -> Iterator[dict[str, Tensor]]:
-    """Records the outputs of ``attn.q_proj`` and ``attn.k_proj`` during one layer call.
+@torch.no_grad()
+def scoring_qk(layer: nn.Module, hidden: Tensor, cos: Tensor, sin: Tensor
+               ) -> tuple[Tensor, Tensor]:
+    """Post-RoPE (B, heads, N, head_dim) query and key of ``layer``'s attention for its input
+    ``hidden`` (B, N, H): its own input norm and q/k projections, then RoPE, as the attention
+    computes them.
 
-    Forward hooks, not a patched forward: whatever the projections are (plain, LoRA-wrapped by
-    peft, sharded by FSDP) their real outputs are what the attention used.
+    Called from inside the layer's forward, where FSDP2 has gathered the layer's parameters and
+    where torch.compile traces it; calling ``q_proj`` / ``k_proj`` (plain, or LoRA-wrapped by
+    peft) gives their real outputs (in training, LoRA dropout draws a mask of its own here).
+    The two projections run a second time, without autograd and at the pruning layers only
+    (q and k are about 6% of a Base layer's weight FLOPs): forward hooks on the attention's
+    own projections would avoid that, but a compiled layer keeps running the hooks it was
+    traced with, not the ones added for a later call.
     """
-    out: dict[str, Tensor] = {}
-    handles = [
-        getattr(attn, name).register_forward_hook(
-            lambda _m, _i, o, key=key: out.__setitem__(key, o)
-        )
-        for name, key in (("q_proj", "q"), ("k_proj", "k"))
-    ]
-    try:
-        yield out
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def rotated_qk(captured: dict[str, Tensor], cos: Tensor, sin: Tensor, head_dim: int):
-    """(B, N, heads*head_dim) projections -> post-RoPE (B, heads, N, head_dim) q and k."""
-    q, k = captured["q"], captured["k"]
-    B, N = q.shape[:2]
-    q = q.view(B, N, -1, head_dim).transpose(1, 2)
-    k = k.view(B, N, -1, head_dim).transpose(1, 2)
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    B, N = x.shape[:2]
+    q = attn.q_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(B, N, -1, attn.head_dim).transpose(1, 2)
     return apply_rotary_pos_emb(q, k, cos, sin)
 
 
 def select_context(
-    state: TokenState, q: Tensor, k: Tensor, keep_ratio: float, min_keep: int
+    state: TokenState, q: Tensor, k: Tensor, keep_ratio: float, min_keep: int,
+    causal: bool = True,
 ) -> Tensor:
     """The LMME keep mask (B, N): every non-context token, and per sample the top
     ``keep_ratio`` of its context tokens (at least ``min_keep``) by the attention probability
-    they receive from the instruction tokens, averaged over heads and instruction rows."""
+    they receive from the instruction tokens, averaged over heads and instruction rows.
+
+    ``causal``: each instruction row's softmax runs over the keys it attends to (the model's
+    real attention); False: over every real token of the sample (the official scoring)."""
     return ops.prune_tokens(
-        q, k, state.instruction, state.context, state.valid, keep_ratio, min_keep, causal=True
+        q, k, state.instruction, state.context, state.valid, keep_ratio, min_keep, causal=causal
     )

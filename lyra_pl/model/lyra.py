@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 from lyra_pl.model import lora
 from lyra_pl.model.assemble import IGNORE, IMAGE, SOUND, SPEECH, VIDEO, Assembled, Media, assemble
 from lyra_pl.model.config import LyraConfig
-from lyra_pl.model.decoder import DecoderCache, run_layers
+from lyra_pl.model.decoder import DecoderCache, LyraDecoderLayer, run_layers
 from lyra_pl.model.encoders import AudioEncoder
 from lyra_pl.model.extractor import TokenState
 from lyra_pl.model.inputs import LyraInputs
@@ -54,32 +54,44 @@ class LyraModel(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        self.llm = Qwen2VLTextModel(config.text_config())
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.llm.embed_tokens.weight
-        self.visual = Qwen2VisionTransformerPretrainedModel(config.vision_config())
-        self.audio_encoder = AudioEncoder(config.whisper_config(), config.audio_window_batch)
-        self.speech_projector = SpeechProjector(
-            config.audio_dim, config.hidden_size, config.speech_downsample,
-            config.speech_projector_hidden,
-        )
-        self.sound_projector = SoundProjector(
-            config.audio_dim, config.hidden_size, config.sound_tokens,
-            config.sound_projector_hidden,
-        )
-        self.speech_generator = SpeechGenerator(
-            llm_hidden=config.hidden_size,
-            hidden=config.generator_hidden,
-            num_layers=config.generator_layers,
-            num_heads=config.generator_heads,
-            num_kv_heads=config.generator_kv_heads,
-            intermediate=config.generator_intermediate,
-            upsample=config.generator_upsample,
-            n_units=config.n_units,
-            rms_norm_eps=config.rms_norm_eps,
-        )
+        device = torch.get_default_device()  # meta inside ``with torch.device("meta")``
+        # Always built on the meta device, then allocated and initialized once by
+        # init_weights: a model built here and one built on meta and materialized (FSDP2,
+        # benchmarks) get the same weights from the same seed.
+        with torch.device("meta"):
+            self.llm = Qwen2VLTextModel(config.text_config())
+            # Same modules and keys as transformers' layers; they can also return LMME's q/k.
+            self.llm.layers = nn.ModuleList(
+                LyraDecoderLayer(self.llm.config, i) for i in range(config.num_layers))
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.llm.embed_tokens.weight
+            self.visual = Qwen2VisionTransformerPretrainedModel(config.vision_config())
+            self.audio_encoder = AudioEncoder(config.whisper_config(), config.audio_window_batch)
+            self.speech_projector = SpeechProjector(
+                config.audio_dim, config.hidden_size, config.speech_downsample,
+                config.speech_projector_hidden,
+            )
+            self.sound_projector = SoundProjector(
+                config.audio_dim, config.hidden_size, config.sound_tokens,
+                config.sound_projector_hidden,
+            )
+            self.speech_generator = SpeechGenerator(
+                llm_hidden=config.hidden_size,
+                hidden=config.generator_hidden,
+                num_layers=config.generator_layers,
+                num_heads=config.generator_heads,
+                num_kv_heads=config.generator_kv_heads,
+                intermediate=config.generator_intermediate,
+                upsample=config.generator_upsample,
+                n_units=config.n_units,
+                rms_norm_eps=config.rms_norm_eps,
+                rope_theta=config.generator_theta,
+            )
         self.audio_encoder.requires_grad_(False)  # Whisper stays frozen in every stage
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights(device)
 
     @classmethod
     def from_pretrained(
@@ -116,6 +128,35 @@ class LyraModel(nn.Module):
         for directory in adapters:
             lora.load_adapter(model.llm, directory)
         return model
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | str | None = None) -> None:
+        """Initializes every parameter and buffer in place (shards included), the one rule for
+        whatever no checkpoint fills: run by the constructor, and after ``to_empty`` on a model
+        built on the meta device (:func:`lyra_pl.training.parallelize.materialize`).
+
+        - the LLM with ``lm_head``, the ViT and the Whisper encoder: transformers'
+          ``_init_weights`` of their pretrained-model classes, as transformers builds them
+          (normal(0, 0.02) linears and embeddings, unit norms, sinusoidal Whisper positions);
+        - the projectors and the speech generator: their ``reset_parameters`` (PyTorch's
+          defaults, unit RMS norms);
+        - LoRA adapters: peft's init of each adapter's config (B = 0: a new adapter is a no-op);
+        - the rotary tables: :meth:`init_buffers` on ``buffer_device``.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.llm.embed_tokens.weight  # ``to_empty`` unties them
+        else:
+            self.llm._init_weights(self.lm_head)
+        for part in (self.llm, self.visual, self.audio_encoder.whisper):
+            part.apply(part._init_weights)  # children first, as transformers applies it
+        for part in (self.speech_projector, self.sound_projector, self.speech_generator):
+            part.reset_parameters()
+        configs = getattr(self.llm, "peft_config", {})
+        for module in self.llm.modules():
+            if hasattr(module, "reset_lora_parameters"):
+                for name, adapter in configs.items():
+                    module.reset_lora_parameters(name, adapter.init_lora_weights)
+        self.init_buffers(buffer_device)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """Rebuilds the rotary tables, the only buffers, which checkpoints do not hold: needed
@@ -211,7 +252,7 @@ class LyraModel(nn.Module):
         """The decoder layers over an assembled batch, with this config's LMME."""
         cfg = self.config
         return run_layers(self.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(),
-                          cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache)
+                          cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache, cfg.lmme_causal)
 
     def forward(
         self,

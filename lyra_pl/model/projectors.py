@@ -26,6 +26,11 @@ class SpeechProjector(nn.Module):
         self.act = nn.ReLU()
         self.linear2 = nn.Linear(hidden, out_dim)
 
+    def reset_parameters(self) -> None:
+        """PyTorch's default init of both linears (:meth:`LyraModel.init_weights` calls it)."""
+        self.linear1.reset_parameters()
+        self.linear2.reset_parameters()
+
     def forward(self, states: Tensor) -> Tensor:
         """(..., n * k, encoder_dim) -> (..., n, out_dim)."""
         *lead, length, dim = states.shape
@@ -59,6 +64,11 @@ class SoundProjector(nn.Module):
         self.linear1 = nn.Linear(encoder_dim, hidden)
         self.act = nn.GELU()
         self.linear2 = nn.Linear(hidden, out_dim)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init of both linears (:meth:`LyraModel.init_weights` calls it)."""
+        self.linear1.reset_parameters()
+        self.linear2.reset_parameters()
 
     def forward(self, pooled: Tensor) -> Tensor:
         """(..., n_tokens, encoder_dim) -> (..., n_tokens, out_dim)."""

@@ -118,6 +118,8 @@ class SpeechGenerator(nn.Module):
 
     input_proj (llm_hidden -> hidden), each state repeated ``upsample`` times, ``num_layers``
     causal Qwen2 decoder layers with 1-D RoPE, RMSNorm, head (hidden -> n_units + 1).
+    ``rope_theta``: the official generator inherits the LLM's (LyraModel passes
+    ``LyraConfig.generator_theta``); 10000 only for a generator built on its own.
     """
 
     def __init__(
@@ -167,6 +169,16 @@ class SpeechGenerator(nn.Module):
         self.rotary_emb = Qwen2RotaryEmbedding(self.config)
         self.norm = Qwen2RMSNorm(hidden, eps=rms_norm_eps)
         self.head = nn.Linear(hidden, n_units + 1)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init of every linear, ones for the RMS norms (what a freshly built
+        generator has). :meth:`LyraModel.init_weights` calls it; the rotary table is a buffer,
+        rebuilt apart (``LyraModel.init_buffers``)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+            elif isinstance(module, Qwen2RMSNorm):
+                nn.init.ones_(module.weight)
 
     # -- shared trunk ------------------------------------------------------------------
 

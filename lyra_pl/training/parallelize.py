@@ -33,6 +33,7 @@ def parallelize(
             a node). None: no sharding (single process).
         activation_checkpointing: per decoder layer, through the layers' own transformers
             mechanism (``GradientCheckpointingLayer``), non-reentrant.
+        compile: ``torch.compile`` each decoder layer, ``fullgraph=True``.
         param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in
             fp32 by default); None keeps the parameters' dtype.
     """
@@ -44,8 +45,10 @@ def parallelize(
         else:
             llm.gradient_checkpointing_enable({"use_reentrant": False})
     if compile:
+        # Per layer, one graph each (no breaks): the layer loop between them stays eager, as
+        # LMME's pruning changes the batch's shape there.
         for layer in llm.layers:
-            layer.compile()
+            layer.compile(fullgraph=True)
     if mesh is None:
         return model
 
@@ -79,21 +82,12 @@ def parallelize(
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
     """Allocates a model built on the meta device (and sharded: each rank allocates only its
-    shards) on ``device`` and initializes it: PyTorch's default init for every module that has
-    one, ones for RMS norms, peft's init for LoRA (B = 0: a new adapter starts as a no-op),
-    and the rotary tables. Checkpoints are loaded afterwards, shard by shard."""
+    shards) on ``device`` and initializes it by the model's own rule,
+    ``model.init_weights(device)`` (:meth:`~lyra_pl.model.LyraModel.init_weights`, the rule a
+    model built on one process follows too). Checkpoints are loaded afterwards, shard by
+    shard."""
     model.to_empty(device=device)
-    with torch.no_grad():
-        for module in model.modules():
-            if callable(getattr(module, "reset_parameters", None)):
-                module.reset_parameters()
-            elif type(module).__name__.endswith("RMSNorm"):
-                module.weight.fill_(1.0)
-        for module in model.modules():
-            if callable(getattr(module, "reset_lora_parameters", None)):
-                for name in module.lora_A:
-                    module.reset_lora_parameters(name, True)
-    model.init_buffers(device)
+    model.init_weights(device)
     return model
 
 
