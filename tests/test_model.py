@@ -493,3 +493,99 @@ def test_bfloat16_training_and_generation():
     assert model.speech_projector.linear1.weight.grad.abs().sum() > 0
     gen = model.eval().generate(batch, max_new_tokens=3, speech=True)
     assert all(len(t) == 3 for t in gen.tokens) and len(gen.units) == 3
+
+
+# ----------------------------------------------------------------------------- host sizes
+def test_assemble_plans_on_the_host_what_the_device_measures():
+    """With collate-checked sizes the layout is planned from host ints; without, it is measured
+    on the device. Both must give the same batch, and the sizes counted here by hand."""
+    from dataclasses import fields
+
+    from lyra_pl.model.assemble import IMAGE, SOUND as SOUND_ID, SPEECH as SPEECH_ID
+    from lyra_pl.model.assemble import Assembled, Media, assemble
+    from lyra_pl.model.sizes import BatchSizes
+
+    cfg = tiny()
+    ids = torch.tensor([[5, IMG, 6, SPEECH, 7, 8], [SPEECH, 9, SOUND, 10, 0, 0],
+                        [11, 12, 13, 14, 15, 16]])
+    lengths = torch.tensor([6, 4, 6])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 4:6] = ids[0, 4:6]
+    labels[1, 3] = 10
+    labels[2, :3] = ids[2, :3]  # a labelled first token is no token's target
+    torch.manual_seed(0)
+    H = 8
+    media = {IMAGE: Media(torch.randn(6, H), torch.tensor([6]), torch.tensor([[1, 2, 3]]), (6,)),
+             SPEECH_ID: Media(torch.randn(8, H), torch.tensor([5, 3]), host_counts=(5, 3)),
+             SOUND_ID: Media(torch.randn(4, H), torch.tensor([4]), host_counts=(4,))}
+    batch = LyraInputs(ids, lengths, labels, pixel_values=torch.zeros(24, PATCH),
+                       image_grid_thw=torch.tensor([[1, 4, 6]]))
+    counts = torch.tensor([[1, 0, 1, 0], [0, 0, 1, 1], [0, 0, 0, 0]])
+    sizes = BatchSizes.measure(batch, checked_media_counts=counts)
+    assert (sizes.answers, sizes.targets, sizes.grids) == ((2, 1, 3), 5, {IMAGE: ((1, 4, 6),)})
+    embeds = torch.randn(3, 6, H)
+    planned = assemble(ids, lengths, labels, embeds, media, cfg.placeholder_ids, sizes=sizes)
+    measured = assemble(ids, lengths, labels, embeds, media, cfg.placeholder_ids)
+    for f in fields(Assembled):
+        a, b = getattr(planned, f.name), getattr(measured, f.name)
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f.name)
+        else:
+            assert a == b, f.name
+    assert planned.host_lengths == (4 + 6 + 5, 2 + 3 + 4, 6)
+    assert (planned.n_targets, planned.n_answers) == (5, (2, 1, 3))
+    with pytest.raises(ValueError, match=r"1 <sound> placeholder\(s\) in the batch but 0"):
+        assemble(ids, lengths, labels, embeds, {m: media[m] for m in (IMAGE, SPEECH_ID)},
+                 cfg.placeholder_ids, sizes=sizes)
+
+
+def test_collated_sizes_travel_with_the_batch_and_edits_drop_them():
+    cfg = tiny()
+    samples = [Sample([SPEECH, 8, 9], labels=[IGNORE, IGNORE, 9], speech=[torch.randn(8000) * 0.1],
+                      transcripts=[[11, 12]]),
+               Sample([5, 6, 7, 20], labels=[5, 6, IGNORE, IGNORE])]
+    batch = collate(samples, cfg.placeholder_ids, cfg.pad_token_id)
+    s = batch.sizes
+    assert (s.lengths, s.answers, s.targets, s.transcripts) == ((3, 4), (1, 2), 2, (2,))
+    assert s.token_range == (5, SPEECH) and s.media_counts == ((0, 0, 1, 0), (0, 0, 0, 0))
+    assert batch.speech.host_lengths == (8000,) and batch.speech.host_num_tokens() == (5,)
+    moved = batch.to("cpu")
+    assert moved.sizes is s and moved.speech.host_lengths == (8000,)
+    model = build(cfg)
+    out = model(moved, return_logits=True)
+    has = out.state.targets != IGNORE  # CE, independently, from the logits at the targets
+    torch.testing.assert_close(out.ce_loss, torch.nn.functional.cross_entropy(
+        out.logits[has].float(), out.state.targets[has]))
+    moved.labels = None  # the recorded sizes described the old labels
+    assert moved.sizes is None
+    assert moved.host_sizes().answers == (0, 0) and moved.sizes.media_counts is None
+    assert model(moved).ce_loss is None
+
+
+def test_collate_rejects_labels_on_placeholders():
+    cfg = tiny()
+    samples = [Sample([5, 6], labels=[5, 6]),
+               Sample([SPEECH, 7], labels=[SPEECH, 7], speech=[torch.randn(1600) * 0.1])]
+    with pytest.raises(ValueError, match="sample 1: a placeholder token has a label"):
+        collate(samples, cfg.placeholder_ids, cfg.pad_token_id)
+
+
+def test_lcmr_with_host_sizes_matches_reading_them():
+    from lyra_pl.model.lcmr import lcmr_term
+
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(30, 8)
+    counts = torch.tensor([3, 5, 2])
+    tokens = torch.randn(10, 8)
+    ids, t_len = torch.tensor([[1, 2, 0], [0, 0, 0], [3, 4, 5]]), torch.tensor([2, 0, 3])
+    read = lcmr_term(tokens, counts, ids, t_len, embed, 0.1, 0.06, "length_sum")
+    host = lcmr_term(tokens, counts, ids, t_len, embed, 0.1, 0.06, "length_sum",
+                     speech_sizes=(3, 5, 2), transcript_sizes=(2, 0, 3))
+    padded = pad_sequences(tokens, counts)
+    want = ops.lcmr_loss(padded[[0, 2]], embed(ids[[0, 2]]), counts[[0, 2]], t_len[[0, 2]],
+                         gamma=0.1, temperature=0.06).mean()
+    torch.testing.assert_close(read, want)
+    torch.testing.assert_close(host, want)
+    torch.testing.assert_close(pad_sequences(tokens, counts, 5), padded)
+    assert lcmr_term(tokens, counts, ids, torch.zeros(3, dtype=torch.long), embed, 0.1, 0.06,
+                     "length_sum", speech_sizes=(3, 5, 2), transcript_sizes=(0, 0, 0)) is None

@@ -6,13 +6,22 @@ row-major placeholder order. Everything is computed for the whole batch at once 
 arithmetic, no loop over samples), and the result carries what the decoder and the extractor
 need per token: M-RoPE positions, modality ids, next-token targets, the context and
 instruction masks.
+
+Given the batch's host sizes (:class:`~lyra_pl.model.sizes.BatchSizes`, checked by collate)
+the layout is planned on the host and nothing is read back from the device; without them the
+placeholders are checked and the layout is measured on the device (a few syncs).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lyra_pl.model.sizes import BatchSizes
 
 TEXT, IMAGE, VIDEO, SPEECH, SOUND = 0, 1, 2, 3, 4
 MODALITIES = ("image", "video", "speech", "sound")  # modality id = index + 1
@@ -27,11 +36,18 @@ class Media:
     tokens: (sum(counts), H) the items' tokens, concatenated. counts: (n_items,) tokens per item.
     grids: (n_items, 3) the (t, h, w) token grid of image/video items (M-RoPE); None for
     sequence-like items (speech, sound), whose tokens get text-like positions.
+    host_counts: ``counts`` as host ints, when the encoder knows them without reading the
+    device (None: read from ``counts``, a sync).
     """
 
     tokens: Tensor
     counts: Tensor
     grids: Tensor | None = None
+    host_counts: tuple[int, ...] | None = None
+
+    def host_sizes(self) -> tuple[int, ...]:
+        """Tokens per item, as host ints."""
+        return tuple(self.counts.tolist()) if self.host_counts is None else self.host_counts
 
 
 @dataclass
@@ -48,6 +64,10 @@ class Assembled:
     context: Tensor  # bool, prunable: media tokens that no target depends on
     instruction: Tensor  # bool, text after the first media token that is not an answer
     next_position: Tensor  # (B,) the position a generated token continues from
+    # Host ints (LMME never drops a target or an answer token, so they hold after pruning too):
+    host_lengths: tuple[int, ...]  # ``lengths``
+    n_targets: int  # tokens with a target
+    n_answers: tuple[int, ...]  # answer tokens per sample
 
 
 def placeholder_modality(input_ids: Tensor, placeholder_ids: dict[str, int]) -> Tensor:
@@ -104,6 +124,7 @@ def assemble(
     media: dict[int, Media],
     placeholder_ids: dict[str, int],
     media_counts: Tensor | None = None,
+    sizes: BatchSizes | None = None,
 ) -> Assembled:
     """Builds the decoder's input batch.
 
@@ -116,19 +137,30 @@ def assemble(
         media: modality id -> :class:`Media`, for the modalities present.
         media_counts: optional (B, 4) items per sample (image, video, speech, sound), to name
             the sample when placeholders and inputs disagree.
+        sizes: the batch's host sizes; what they lack is read from the device.
     """
     device = input_ids.device
     B, T = input_ids.shape
     H = text_embeds.shape[-1]
     in_valid = torch.arange(T, device=device) < lengths[:, None]
     modality_in = placeholder_modality(input_ids, placeholder_ids)
-    check_media_counts(modality_in, in_valid, media_counts, {m: len(x.counts) for m, x in media.items()})
-    if labels is not None:
-        bad = (labels != IGNORE) & (modality_in != TEXT) & in_valid
-        if bad.any():
-            b = int(bad.nonzero()[0, 0])
-            raise ValueError(f"sample {b}: a placeholder token has a label; only text tokens "
-                             "can be answers")
+    item_tokens = {m: x.host_sizes() for m, x in media.items()}
+    planned = sizes is not None and sizes.media_counts is not None
+    if planned:  # collate checked every sample's placeholders against its items
+        _check_items_given(sizes.media_counts, {m: len(t) for m, t in item_tokens.items()})
+    else:
+        check_media_counts(modality_in, in_valid, media_counts,
+                           {m: len(x.counts) for m, x in media.items()})
+        if labels is not None:
+            bad = (labels != IGNORE) & (modality_in != TEXT) & in_valid
+            if bad.any():
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"sample {b}: a placeholder token has a label; only text "
+                                 "tokens can be answers")
+    for m, x in media.items():
+        if sum(item_tokens[m]) != x.tokens.shape[0]:
+            raise ValueError(f"{MODALITIES[m - 1]}: {x.tokens.shape[0]} tokens for "
+                             f"{sum(item_tokens[m])} placeholder slots")
 
     # Rank of each placeholder among its modality's placeholders (row-major) = its item index.
     flat_mod = modality_in.masked_fill(~in_valid, PAD).flatten()  # (B*T,)
@@ -143,12 +175,15 @@ def assemble(
         counts = x.counts.to(device)
         reps = torch.where(is_m, counts[rank.clamp(min=0)], reps)
         if x.grids is not None:
-            grid_in[is_m] = x.grids.to(device)[rank[is_m]]
+            grid_in = torch.where(is_m[:, None], x.grids.to(device)[rank.clamp(min=0)], grid_in)
 
     # Expanded layout: source input token and offset within it of every output token.
     out_lengths = reps.view(B, T).sum(1)
-    N = int(out_lengths.max()) if B else 0
-    total = int(reps.sum())
+    if planned:
+        host_lengths = _planned_lengths(sizes.lengths, sizes.media_counts, item_tokens)
+    else:
+        host_lengths = tuple(out_lengths.tolist())
+    N, total = max(host_lengths, default=0), sum(host_lengths)
     src = torch.repeat_interleave(torch.arange(B * T, device=device), reps, output_size=total)
     starts = torch.cumsum(reps, 0) - reps  # first output token of each input token (flat)
     offset = torch.arange(total, device=device) - starts[src]
@@ -161,11 +196,7 @@ def assemble(
     mod = flat_mod[src]
     values = text_embeds.reshape(B * T, H)[src]
     for m, x in media.items():
-        is_m = mod == m
-        if int(is_m.sum()) != x.tokens.shape[0]:
-            raise ValueError(f"{MODALITIES[m - 1]}: {x.tokens.shape[0]} tokens for "
-                             f"{int(is_m.sum())} placeholder slots")
-        values = values.masked_scatter(is_m[:, None], x.tokens.to(values.dtype))
+        values = values.masked_scatter((mod == m)[:, None], x.tokens.to(values.dtype))
     embeds = values.new_zeros(B * N, H).index_copy(0, flat_out, values).view(B, N, H)
 
     def spread(x: Tensor, fill: int) -> Tensor:
@@ -204,5 +235,32 @@ def assemble(
     last = torch.arange(N, device=device) == (out_lengths - 1)[:, None]
     context = is_media & (targets == IGNORE) & ~last
     instruction = valid & (modality == TEXT) & ~answer & (torch.cumsum(is_media, 1) > 0)
+    if sizes is not None:
+        n_targets, n_answers = sizes.targets, sizes.answers
+    else:
+        *n_answers, n_targets = torch.cat([answer.sum(1), (targets != IGNORE).sum()[None]]).tolist()
     return Assembled(embeds, positions, out_lengths, valid, modality, targets, answer, context,
-                     instruction, next_position)
+                     instruction, next_position, host_lengths, n_targets, tuple(n_answers))
+
+
+def _check_items_given(media_counts: tuple[tuple[int, ...], ...], given: dict[int, int]) -> None:
+    for m, name in enumerate(MODALITIES, start=1):
+        found = sum(c[m - 1] for c in media_counts)
+        if found != given.get(m, 0):
+            raise ValueError(f"{found} <{name}> placeholder(s) in the batch but "
+                             f"{given.get(m, 0)} {name} input(s)")
+
+
+def _planned_lengths(
+    lengths: tuple[int, ...], media_counts: tuple[tuple[int, ...], ...],
+    item_tokens: dict[int, tuple[int, ...]],
+) -> tuple[int, ...]:
+    """Assembled tokens per sample, from host ints: each placeholder becomes its item's tokens
+    (a sample's items are the next ones of each modality, in row-major order)."""
+    out = list(lengths)
+    for m, tokens in item_tokens.items():
+        ends = [0, *accumulate(c[m - 1] for c in media_counts)]
+        sums = [0, *accumulate(tokens)]
+        for b in range(len(out)):
+            out[b] += sums[ends[b + 1]] - sums[ends[b]] - (ends[b + 1] - ends[b])
+    return tuple(out)

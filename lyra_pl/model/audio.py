@@ -9,9 +9,10 @@ inside the encoder, or worse, as silently wrong tokens (we never resample or tru
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,11 +42,12 @@ def _clip_name(kind: str, index: int, sample_ids: Sequence[int] | None) -> str:
     return name
 
 
-def ceil_div(a: Tensor, b: int) -> Tensor:
-    return torch.div(a + (b - 1), b, rounding_mode="floor")
+def ceil_div(a: Tensor | int, b: int) -> Tensor | int:
+    """ceil(a / b), of a tensor or of a host int: one rule for both."""
+    return (a + (b - 1)) // b
 
 
-@dataclass
+@dataclass(frozen=True)
 class AudioBatch:
     """N mono 16 kHz clips, zero-padded to a common length T.
 
@@ -55,12 +57,16 @@ class AudioBatch:
         lengths: (N,) int64 sample counts, 1 <= lengths[i] <= T.
         kind: "speech", "sound", ...: only used in error messages.
         sample_ids: optional batch sample of each clip, only used in error messages.
+        host_lengths: ``lengths`` as host ints, read once when the batch is built (free on
+            the CPU) and kept when it moves, so that sizes derived from them (tokens, windows)
+            never wait on the device.
     """
 
     waveforms: Tensor
     lengths: Tensor
     kind: str = "speech"
     sample_ids: tuple[int, ...] | None = None
+    host_lengths: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         w, n = self.waveforms, self.lengths
@@ -78,13 +84,14 @@ class AudioBatch:
             raise ValueError(
                 f"AudioBatch got {len(self.sample_ids)} sample_ids for {w.shape[0]} clips"
             )
-        bad = ((n < 1) | (n > w.shape[1])).nonzero()
-        if bad.numel():
-            i = int(bad[0, 0])
-            raise ValueError(
-                f"{_clip_name(self.kind, i, self.sample_ids)}: length {int(n[i])} is outside "
-                f"[1, {w.shape[1]}] (the padded waveform length)"
-            )
+        host = tuple(n.tolist())
+        for i, length in enumerate(host):
+            if not 1 <= length <= w.shape[1]:
+                raise ValueError(
+                    f"{_clip_name(self.kind, i, self.sample_ids)}: length {length} is outside "
+                    f"[1, {w.shape[1]}] (the padded waveform length)"
+                )
+        object.__setattr__(self, "host_lengths", host)
 
     @classmethod
     def from_list(
@@ -132,27 +139,37 @@ class AudioBatch:
     def __len__(self) -> int:
         return self.waveforms.shape[0]
 
+    def _with(self, waveforms: Tensor, lengths: Tensor) -> AudioBatch:
+        """The same clips in other tensors (moved, pinned). They were validated when the batch
+        was built; validating again would read the lengths back from the device."""
+        out = copy.copy(self)
+        object.__setattr__(out, "waveforms", waveforms)
+        object.__setattr__(out, "lengths", lengths)
+        return out
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> AudioBatch:
-        return AudioBatch(
-            self.waveforms.to(device, non_blocking=non_blocking),
-            self.lengths.to(device, non_blocking=non_blocking),
-            kind=self.kind,
-            sample_ids=self.sample_ids,
-        )
+        return self._with(self.waveforms.to(device, non_blocking=non_blocking),
+                          self.lengths.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> AudioBatch:
         """Pinned copies, so a DataLoader with pin_memory=True can move them asynchronously."""
-        return AudioBatch(
-            self.waveforms.pin_memory(), self.lengths.pin_memory(), self.kind, self.sample_ids
-        )
+        return self._with(self.waveforms.pin_memory(), self.lengths.pin_memory())
 
     def num_tokens(self) -> Tensor:
         """(N,) int64 speech tokens per clip: 10 per second, the last partial one included."""
         return ceil_div(self.lengths, SAMPLES_PER_TOKEN)
 
+    def host_num_tokens(self) -> tuple[int, ...]:
+        """:meth:`num_tokens` as host ints."""
+        return tuple(ceil_div(n, SAMPLES_PER_TOKEN) for n in self.host_lengths)
+
     def num_windows(self) -> Tensor:
         """(N,) int64 30 s Whisper windows per clip, the last one zero-padded."""
         return ceil_div(self.lengths, WINDOW_SAMPLES)
+
+    def host_num_windows(self) -> tuple[int, ...]:
+        """:meth:`num_windows` as host ints."""
+        return tuple(ceil_div(n, WINDOW_SAMPLES) for n in self.host_lengths)
 
 
 def _validated_clip(clip: Tensor | np.ndarray, rate: int, name: str) -> Tensor:

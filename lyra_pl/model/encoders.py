@@ -41,17 +41,23 @@ class _WindowPlan:
     clip: Tensor  # (W,) int64 clip index of each window
     index: Tensor  # (W,) int64 window index within its clip
     real: Tensor  # (W,) int64 samples of real audio in the window, 1..480000
+    tokens: tuple[int, ...]  # host ints: speech tokens of each window, 1..300
 
     @classmethod
     def of(cls, audio: AudioBatch) -> _WindowPlan:
         device = audio.waveforms.device
         lengths = audio.lengths.to(device)
         per_clip = audio.num_windows().to(device)
-        clip = torch.repeat_interleave(torch.arange(len(audio), device=device), per_clip)
+        clip = torch.repeat_interleave(torch.arange(len(audio), device=device), per_clip,
+                                       output_size=sum(audio.host_num_windows()))
         first = per_clip.cumsum(0) - per_clip
         index = torch.arange(clip.numel(), device=device) - first[clip]
         real = (lengths[clip] - index * WINDOW_SAMPLES).clamp(max=WINDOW_SAMPLES)
-        return cls(clip, index, real)
+        # The same plan in host ints (from the clip lengths the batch keeps on the host).
+        tokens = tuple(ceil_div(min(n - i * WINDOW_SAMPLES, WINDOW_SAMPLES), SAMPLES_PER_TOKEN)
+                       for n, w in zip(audio.host_lengths, audio.host_num_windows())
+                       for i in range(w))
+        return cls(clip, index, real, tokens)
 
     def __len__(self) -> int:
         return self.clip.numel()
@@ -138,7 +144,10 @@ class AudioEncoder(nn.Module):
             keep = torch.arange(TOKENS_PER_WINDOW, device=states.device) < tokens_per_window[
                 start:stop, None
             ].to(states.device)
-            pieces.append(projector(groups[keep].reshape(-1, self.dim).to(dtype)))
+            # The kept groups' count is known on the host: no mask readback.
+            rows = torch.nonzero_static(keep.flatten(), size=sum(plan.tokens[start:stop]))
+            kept = groups.flatten(0, 1).index_select(0, rows.squeeze(1))
+            pieces.append(projector(kept.reshape(-1, self.dim).to(dtype)))
         if not pieces:  # no clips: still call the projector, so every rank runs the same modules
             device = self.whisper.conv1.weight.device
             pieces.append(projector(torch.zeros(0, self.dim, device=device, dtype=dtype)))

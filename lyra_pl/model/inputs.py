@@ -1,8 +1,12 @@
 """What the model takes: :class:`LyraInputs` (a batch of tensors) and :func:`collate`, which
-builds one from per-sample raw inputs and checks them, naming the sample at fault."""
+builds one from per-sample raw inputs and checks them, naming the sample at fault.
+
+A batch is checked once, where it is built (on the CPU), and carries its sizes as host ints
+(:class:`~lyra_pl.model.sizes.BatchSizes`): moving it to a device reads nothing back."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any, Sequence
 
 import torch
@@ -10,6 +14,7 @@ from torch import Tensor
 
 from lyra_pl.model.assemble import IGNORE, MODALITIES
 from lyra_pl.model.audio import WINDOW_SAMPLES, AudioBatch
+from lyra_pl.model.sizes import BatchSizes
 
 
 @dataclass
@@ -26,6 +31,8 @@ class LyraInputs:
         clip's transcript for LCMR; length 0 = no transcript.
     media_counts: (B, 4) items per sample (image, video, speech, sound), so that a mismatch
         names its sample; :func:`collate` fills it.
+    sizes: the batch's sizes as host ints (:meth:`host_sizes`); :func:`collate` and :meth:`to`
+        fill them. Assigning any other field drops them: they described the old tensors.
     """
 
     input_ids: Tensor
@@ -40,6 +47,13 @@ class LyraInputs:
     transcript_ids: Tensor | None = None
     transcript_lengths: Tensor | None = None
     media_counts: Tensor | None = None
+    sizes: BatchSizes | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # The recorded sizes describe the tensors they were measured from.
+        if name != "sizes" and "sizes" in self.__dict__:
+            object.__setattr__(self, "sizes", None)
+        object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:
@@ -88,17 +102,31 @@ class LyraInputs:
         if self.pixel_values_videos is not None:
             out.add("video")
         if self.speech is not None:
-            long = bool((self.speech.lengths > WINDOW_SAMPLES).any())
+            long = any(n > WINDOW_SAMPLES for n in self.speech.host_lengths)
             out.add("long_speech" if long else "speech")
         if self.sound is not None:
             out.add("sound")
         return out
 
+    def host_sizes(self) -> BatchSizes:
+        """The batch's :class:`~lyra_pl.model.sizes.BatchSizes`: those recorded, else measured
+        from the tensors (free on the CPU; for a batch built by hand on a device, one sync per
+        tensor) and recorded."""
+        if self.sizes is None:
+            self.sizes = BatchSizes.measure(self)
+        return self.sizes
+
     def to(self, device: torch.device | str) -> "LyraInputs":
-        return replace(self, **{
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self) if getattr(self, f.name) is not None
-        })
+        """The batch on ``device``, with its sizes. It is not checked again: that would read
+        the values back from the device."""
+        sizes = self.host_sizes()
+        out = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (Tensor, AudioBatch)):
+                setattr(out, f.name, value.to(device))
+        out.sizes = sizes
+        return out
 
 
 @dataclass
@@ -161,19 +189,24 @@ def collate(
     counts = torch.zeros(len(samples), 4, dtype=torch.long)
     for b, (s, x) in enumerate(zip(samples, ids)):
         input_ids[b, : len(x)] = x
-        if s.labels is not None:
-            lab = torch.as_tensor(s.labels, dtype=torch.long)
-            if lab.shape != x.shape:
-                raise ValueError(f"sample {b}: labels {tuple(lab.shape)} and input_ids "
-                                 f"{tuple(x.shape)} differ in length")
-            labels[b, : len(x)] = lab
         items = (s.images, s.videos, s.speech, s.sound)
+        is_placeholder = torch.zeros_like(x, dtype=torch.bool)
         for m, name in enumerate(MODALITIES):
             counts[b, m] = len(items[m])
             found = int((x == placeholder_ids[name]).sum())
             if found != len(items[m]):
                 raise ValueError(f"sample {b}: {found} <{name}> placeholder(s) in the text but "
                                  f"{len(items[m])} {name} input(s)")
+            is_placeholder |= x == placeholder_ids[name]
+        if s.labels is not None:
+            lab = torch.as_tensor(s.labels, dtype=torch.long)
+            if lab.shape != x.shape:
+                raise ValueError(f"sample {b}: labels {tuple(lab.shape)} and input_ids "
+                                 f"{tuple(x.shape)} differ in length")
+            if bool((is_placeholder & (lab != IGNORE)).any()):
+                raise ValueError(f"sample {b}: a placeholder token has a label; only text tokens "
+                                 "can be answers")
+            labels[b, : len(x)] = lab
         for i, img in enumerate(s.images):
             _check_visual(img, "image", b, i, 3)
         for i, vid in enumerate(s.videos):
@@ -216,6 +249,10 @@ def collate(
         for i, r in enumerate(rows):
             t_ids[i, : len(r)] = r
         out.update(transcript_ids=t_ids, transcript_lengths=t_len)
-    return LyraInputs(input_ids=input_ids, lengths=lengths,
-                      labels=labels if has_labels else None, media_counts=counts, **out)
+    batch = LyraInputs(input_ids=input_ids, lengths=lengths,
+                       labels=labels if has_labels else None, media_counts=counts, **out)
+    # The placeholders were checked against the items above: with the per-sample counts the
+    # model plans the assembled layout on the host and checks nothing on the device.
+    batch.sizes = BatchSizes.measure(batch, checked_media_counts=counts)
+    return batch
 

@@ -204,36 +204,43 @@ class LyraModel(nn.Module):
 
     # ------------------------------------------------------------------ encoding
     def encode_media(self, inputs: LyraInputs) -> dict[int, Media]:
-        """Runs each encoder once for all items of the batch."""
+        """Runs each encoder once for all items of the batch. Token counts per item are
+        derived on the host too (grids, clip lengths), so assembly reads nothing back."""
         media: dict[int, Media] = {}
         merge = self.config.spatial_merge_size
+        sizes = inputs.host_sizes()
         for m, pix, grid in (
             (IMAGE, inputs.pixel_values, inputs.image_grid_thw),
             (VIDEO, inputs.pixel_values_videos, inputs.video_grid_thw),
         ):
             if pix is None:
                 continue
-            if bool((grid[:, 1:] % merge != 0).any()):
-                bad = int((grid[:, 1:] % merge != 0).any(1).nonzero()[0])
-                raise ValueError(f"{'image' if m == IMAGE else 'video'} {bad}: grid "
-                                 f"{grid[bad].tolist()} is not a multiple of the {merge}x{merge} merge")
+            grids = sizes.grids[m]
+            bad = [i for i, (_, h, w) in enumerate(grids) if h % merge or w % merge]
+            if bad:
+                raise ValueError(f"{'image' if m == IMAGE else 'video'} {bad[0]}: grid "
+                                 f"{list(grids[bad[0]])} is not a multiple of the {merge}x{merge} merge")
             dtype = self.visual.patch_embed.proj.weight.dtype
             tokens = self.visual(pix.to(dtype), grid_thw=grid).pooler_output
             llm_grid = grid // torch.tensor([1, merge, merge], device=grid.device)
-            media[m] = Media(tokens, llm_grid.prod(1), llm_grid)
+            host = tuple(t * (h // merge) * (w // merge) for t, h, w in grids)
+            media[m] = Media(tokens, llm_grid.prod(1), llm_grid, host)
         if inputs.speech is not None:
             tokens, counts = self.audio_encoder.speech(inputs.speech, self.speech_projector)
-            media[SPEECH] = Media(tokens, counts)
+            media[SPEECH] = Media(tokens, counts, host_counts=inputs.speech.host_num_tokens())
         if inputs.sound is not None:
             tokens, counts = self.audio_encoder.sound(inputs.sound, self.sound_projector)
-            media[SOUND] = Media(tokens, counts)
+            host = (self.config.sound_tokens,) * len(inputs.sound)
+            media[SOUND] = Media(tokens, counts, host_counts=host)
         return media
 
     def prepare(self, inputs: LyraInputs) -> tuple[Assembled, dict[int, Media]]:
         """Encodes the media and assembles the decoder's input batch."""
         valid = torch.arange(inputs.input_ids.shape[1], device=inputs.input_ids.device) < inputs.lengths[:, None]
         ids = inputs.input_ids.masked_fill(~valid, self.config.pad_token_id)  # padding is ignored
-        if bool(((ids < 0) | (ids >= self.config.vocab_size)).any()):
+        sizes = inputs.host_sizes()
+        lo, hi = sizes.token_range
+        if lo < 0 or hi >= self.config.vocab_size:
             b = int(((ids < 0) | (ids >= self.config.vocab_size)).any(1).nonzero()[0])
             raise ValueError(f"sample {b}: token ids outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
@@ -241,7 +248,7 @@ class LyraModel(nn.Module):
         embeds = self.llm.embed_tokens(ids)
         assembled = assemble(
             ids, inputs.lengths, inputs.labels, embeds, media, self.config.placeholder_ids,
-            inputs.media_counts,
+            inputs.media_counts, sizes,
         )
         return assembled, media
 
@@ -290,17 +297,21 @@ class LyraModel(nn.Module):
                 assembled = replace(assembled, embeds=assembled.embeds + zero)
         state, keeps = self.run_decoder(assembled, cache)
         logits = self.lm_head(state.hidden) if return_logits else None
-        has_target = state.targets != IGNORE
         ce = None
-        if bool(has_target.any()):
-            target_logits = self.lm_head(state.hidden[has_target])
-            ce = F.cross_entropy(target_logits.float(), state.targets[has_target])
+        if assembled.n_targets:
+            # LMME keeps every target, so their count is known on the host: no mask readback.
+            rows = torch.nonzero_static((state.targets != IGNORE).flatten(),
+                                        size=assembled.n_targets).squeeze(1)
+            target_logits = self.lm_head(state.hidden.flatten(0, 1).index_select(0, rows))
+            ce = F.cross_entropy(target_logits.float(), state.targets.flatten().index_select(0, rows))
         lcmr = None
         if inputs.transcript_ids is not None and SPEECH in media and cfg.lcmr_weight > 0:
             lcmr = lcmr_term(
                 media[SPEECH].tokens, media[SPEECH].counts, inputs.transcript_ids,
                 inputs.transcript_lengths, self.llm.embed_tokens, cfg.lcmr_gamma,
                 cfg.lcmr_temperature, cfg.lcmr_normalize,
+                speech_sizes=media[SPEECH].host_sizes(),
+                transcript_sizes=inputs.host_sizes().transcripts,
             )
         parts = [x for x in (ce, None if lcmr is None else cfg.lcmr_weight * lcmr) if x is not None]
         loss = sum(parts) if parts else None
@@ -308,20 +319,26 @@ class LyraModel(nn.Module):
         if units is not None:
             if unit_lengths is None:
                 raise ValueError("units need unit_lengths")
-            generator = self.speech_generator_loss(state, units, unit_lengths)
+            generator = self.speech_generator_loss(state, units, unit_lengths, assembled.n_answers)
         return LyraOutput(loss, ce, lcmr, logits, state, generator, keeps, adapters)
 
     def speech_generator_loss(
-        self, state: TokenState, units: Tensor, unit_lengths: Tensor
+        self, state: TokenState, units: Tensor, unit_lengths: Tensor,
+        n_answers: tuple[int, ...] | None = None,
     ) -> Tensor:
         """CTC loss of the speech generator on the LLM's final hidden states at the answer
-        tokens of each sample (stage 4), against its unit targets (B, U) / (B,)."""
+        tokens of each sample (stage 4), against its unit targets (B, U) / (B,).
+        ``n_answers``: answer tokens per sample as host ints (otherwise read, a sync)."""
         counts = state.answer.sum(1)
-        missing = (counts == 0).nonzero().flatten().tolist()
+        if n_answers is None:
+            n_answers = tuple(counts.tolist())
+        missing = [b for b, n in enumerate(n_answers) if n == 0]
         if missing:
             raise ValueError(f"sample {missing[0]}: no answer tokens to generate speech from")
+        rows = torch.nonzero_static(state.answer.flatten(), size=sum(n_answers)).squeeze(1)
         # The generator learns from the LLM, never the other way round.
-        hidden = pad_sequences(state.hidden[state.answer].detach(), counts)
+        answers = state.hidden.flatten(0, 1).index_select(0, rows).detach()
+        hidden = pad_sequences(answers, counts, max(n_answers))
         return self.speech_generator.loss(hidden, counts, units, unit_lengths)
 
     @torch.no_grad()
