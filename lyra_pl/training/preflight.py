@@ -1,5 +1,5 @@
 """What a stage run needs, checked before anything starts (no distributed set-up, no MLflow
-run, no model build): the checkpoints and exports it loads, its data, its tokenizer and the
+run, no model build): that its precision settings agree (:mod:`lyra_pl.training.precision`), the checkpoints and exports it loads, its data, its tokenizer and the
 checkpoint it resumes, and that a new run does not land in the folder of an earlier one (whose
 ``last.ckpt`` a later ``--ckpt_path last`` would confuse with its own). Each problem is one line that says what to do; :class:`LyraCLI` calls
 :func:`check_run` on the parsed config and ``lyra-pl`` prints the first problem and exits 2.
@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Any, Mapping
+
+from lyra_pl.training import precision
 
 # runs/<preset>/<stage name>/export...: an output of an earlier stage of the pipeline.
 _STAGE_OUTPUT = re.compile(r"runs/(?P<preset>[^/]+)/stage(?P<stage>\d)_[a-z_]+/export")
@@ -37,6 +39,10 @@ def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
     from lyra_pl.data.shards import MANIFEST, is_url
 
     model = dict((config.get("model") or {}).get("init_args") or {})
+    try:
+        precision.check_config(config.get("trainer") or {}, model)
+    except ValueError as e:
+        raise RunInputError(str(e)) from None
     for key in ("qwen2vl", "whisper", "init_from"):
         path = model.get(key)
         if path is not None and not Path(path).is_dir():
