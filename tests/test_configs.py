@@ -39,6 +39,8 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
     assert isinstance(objs.datamodule, LyraDataModule)
     assert objs.datamodule.paths["train"] and objs.datamodule.paths["val"]
     assert cfg.trainer.max_epochs >= 1
+    if stage_no == 2:  # sound is trained in stage 2, on the mix's sound samples
+        assert objs.model.sound and "sound_projector" in objs.model.trainable_parts
     if path.parent.name != "tiny":  # official hyperparameters (docs/method.md)
         lr = {1: 1e-3, 2: 2e-4, 3: 1e-4, 4: 2e-4}[stage_no]
         assert objs.model.lr == lr
@@ -72,3 +74,43 @@ def test_every_output_follows_the_run_folder(path, tmp_path, monkeypatch):
     found = cli.trainer._checkpoint_connector._parse_ckpt_path(
         TrainerFn.FITTING, "last", model_provided=True, model_connected=False)
     assert Path(found) == root / "checkpoints" / "last.ckpt"
+
+
+def test_tiny_stage2_predict_fits_every_held_out_answer():
+    """The pipeline's stage-2 evaluation generates at most ``max_new_tokens``: every held-out
+    answer and its <|im_end|> must fit, or the longest ones (the sound captions) never match."""
+    import json
+
+    import yaml
+    from transformers import AutoTokenizer
+
+    cfg = yaml.safe_load((ROOT / "configs/tiny/stage2_joint_sft.yaml").read_text())
+    tok = AutoTokenizer.from_pretrained(str(ROOT / cfg["data"]["tokenizer"]))
+    samples = json.loads((ROOT / cfg["data"]["predict_source"]).read_text())
+    need = max(len(tok(s["conversations"][-1]["value"] + "<|im_end|>",
+                       add_special_tokens=False)["input_ids"]) for s in samples)
+    assert cfg["model"]["init_args"]["max_new_tokens"] >= need
+
+
+def test_cpu_run_leaves_its_data_workers_a_core(tmp_path, monkeypatch):
+    """On CPU the intra-op threads take the cores the DataLoader workers leave (at least one);
+    OMP_NUM_THREADS, when set, wins."""
+    import os
+
+    import torch
+
+    from lyra_pl.training.cli import cpu_threads
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    before = torch.get_num_threads()
+    try:
+        cli = LyraCLI(args=["--config", str(ROOT / "configs/tiny/stage0_base_vlm.yaml"),
+                            "--data.num_workers=1"], run=False)
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(before)
+        assert cpu_threads(cli.trainer, cli.datamodule) == before
+    finally:
+        torch.set_num_threads(before)

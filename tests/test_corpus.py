@@ -58,7 +58,7 @@ def test_build_info_matches_files():
              for p in CORPUS.rglob("*") if p.is_file() and shards not in p.parents}
     total = sum(blobs.values())
     assert total <= 7 * 2**20, f"data/tiny holds {total / 2**20:.2f} MiB, the budget is 7"
-    assert info["eval"] == {"textvqa": 90, "docvqa": 30, "videomme": 12, "sound_caption": 6,
+    assert info["eval"] == {"textvqa": 90, "docvqa": 30, "videomme": 12, "sound_caption": 12,
                             "librispeech": 22, "needles": 14}
 
 
@@ -114,6 +114,10 @@ def test_stage2_balanced_and_held_out():
                 assert prompt == "<image>\n<speech>" if "speech" in s else "<speech>" not in prompt
         sounds = [s for s in samples if "sound" in s]
         assert {s["conversations"][-1]["value"] for s in sounds} == set(SOUND_EVENTS)
+        # several renderings of every event, so that stage 2 learns the event, not one clip
+        clips = {s["sound"]: s["conversations"][-1]["value"] for s in sounds}
+        renderings = CorpusSizes().sound_variants[("train", "val").index(split)]
+        assert Counter(clips.values()) == {c: renderings for c in SOUND_EVENTS}
     train, val = load("stage2_joint", "train"), load("stage2_joint", "val")
     for key in ("image", "speech", "sound"):  # validation media never seen in training
         assert not {s[key] for s in train if key in s} & {s[key] for s in val if key in s}

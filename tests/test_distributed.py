@@ -30,15 +30,17 @@ PAD = 506
 
 
 def make_weights(root: Path) -> dict[str, str]:
-    """A base model and a stage-1-style export (parts + a trained ``speech`` adapter) that both
-    the sharded and the single-process runs load: the sharded run builds on the meta device
-    and loads slice by slice, so shared weights (not a shared seed) make the runs comparable."""
+    """A base model and a stage-1-style export (parts + trained ``speech`` and ``sound``
+    adapters) that both the sharded and the single-process runs load: the sharded run builds
+    on the meta device and loads slice by slice, so shared weights (not a shared seed) make the
+    runs comparable."""
     from lyra_pl.model import LyraConfig, LyraModel, lora
     from lyra_pl.model.loading import save_parts, save_qwen2vl, save_whisper
 
     torch.manual_seed(0)
     model = LyraModel(LyraConfig.from_preset("tiny"))
     lora.add_adapter(model.llm, "speech", lora.LoraSpec(4, 8, 0.0))
+    lora.add_adapter(model.llm, "sound", lora.LoraSpec(4, 8, 0.0))  # stage 2 trains it too
     with torch.no_grad():
         for n, p in model.llm.named_parameters():
             if ".lora_B." in n:
@@ -47,6 +49,7 @@ def make_weights(root: Path) -> dict[str, str]:
     save_whisper(model, root / "whisper")
     save_parts(model, root / "export")
     lora.save_adapter(model.llm, "speech", root / "export" / "adapter_speech")
+    lora.save_adapter(model.llm, "sound", root / "export" / "adapter_sound")
     return {"qwen2vl": str(root / "qwen2vl"), "whisper": str(root / "whisper"),
             "init_from": str(root / "export")}
 

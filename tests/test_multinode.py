@@ -31,7 +31,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIR = ("joint_train_023", "joint_train_307")  # q_color0_en-gb.wav; "purple" / "red"
+PAIR = ("joint_train_244", "joint_train_427")  # q_color0_en-gb.wav; "purple" / "red"
 STEPS = 3
 TIMEOUT = 420
 

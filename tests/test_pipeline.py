@@ -50,9 +50,10 @@ def test_pipeline_runs_every_stage_and_the_eval(pipeline_run):
     assert (base / "qwen2vl" / "model.safetensors").is_file()
     assert (base / "whisper" / "model.safetensors").is_file()
     assert (runs / "stage2_joint_sft" / "export" / "adapter_speech").is_dir()
+    assert (runs / "stage2_joint_sft" / "export" / "adapter_sound").is_dir()  # sound SFT
     assert (runs / "stage3_long_speech" / "export" / "adapter_long_speech").is_dir()
     summary = json.loads((runs / "stage2_joint_sft" / "eval" / "accuracy.json").read_text())
-    assert summary["overall"]["n"] == 96  # every held-out stage-2 sample, none dropped
+    assert summary["overall"]["n"] == 102  # every held-out stage-2 sample, none dropped
     assert {"speech: all", "text: all", "sound: all"} <= set(summary["groups"])
     assert "trainable vs frozen parameters" in out and "<- trains" in out
 
@@ -129,7 +130,7 @@ def test_eval_every_task_on_the_final_export(pipeline_run):
     assert records["asr"]["scores"]["all"]["n"] == 8
     assert records["asr"]["spelling_map"] is None  # the tiny Whisper has no normalizer.json
     assert {"all", "T+I", "S+I", "gap S+I - T+I"} <= set(records["textvqa"]["scores"])
-    assert records["sound_caption"]["scores"]["all"]["n"] == 6  # the set has 6
+    assert records["sound_caption"]["scores"]["all"]["n"] == 8  # the set has 12
     for task in records:
         lines = (cwd / "runs/eval" / task / "predictions.jsonl").read_text().splitlines()
         assert len(lines) == records[task]["scores"]["all"]["n"]

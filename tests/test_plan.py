@@ -53,9 +53,13 @@ def test_lora_counts(base):
     p = P.estimate(base, stage=2, nodes=1, gpus_per_node=1, seq_len=128)
     h, i, kv = base.hidden_size, base.intermediate_size, base.num_kv_heads * base.head_dim
     per_layer = (2 * h) + 2 * (h + kv) + (2 * h) + 3 * (h + i)  # in + out of each target
-    assert p.lora_params == 64 * per_layer * base.num_layers
+    # stage 2 trains two r64 adapters (speech and sound) and both projectors
+    assert p.lora_params == 2 * 64 * per_layer * base.num_layers
+    counts = P._counts(base)
+    assert p.trainable_params == (counts["speech_projector"] + counts["sound_projector"]
+                                  + p.lora_params)
     p3 = P.estimate(base, stage=3, nodes=1, gpus_per_node=1, seq_len=128)
-    assert p3.lora_params == 2 * p.lora_params
+    assert p3.lora_params == 128 * per_layer * base.num_layers
 
 
 def test_more_gpus_shard_proportionally(base):

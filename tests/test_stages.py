@@ -26,7 +26,7 @@ from lyra_pl.training.stages import (
     SpeechGenStage,
 )
 
-SPEECH = 502
+SPEECH, SOUND = 502, 503
 SMALL_LORA = dict(lora_r=4, lora_alpha=8)  # the default ranks train too; small keeps CI fast
 
 
@@ -72,13 +72,21 @@ class Recorder(L.Callback):
         self.with_grad |= {n for n, p in pl_module.named_parameters() if p.grad is not None}
 
 
-# stage class, its batches, kwargs, the components that must train, the adapter that must train
+# stage class, its batches' kwargs, the components that must train (the first one is trained by
+# these batches), the adapters that must train
 CASES = {
-    "stage1": (SpeechAlignStage, dict(), {"speech_projector"}, None),
-    "stage2": (JointSFTStage, dict(transcripts=True), {"speech_projector"}, "speech"),
-    "stage3": (LongSpeechStage, dict(seconds=(31.0, 2.0)), {"speech_projector"}, "long_speech"),
-    "stage4": (SpeechGenStage, dict(units=True), {"speech_generator"}, None),
+    "stage1": (SpeechAlignStage, dict(), ("speech_projector",), ()),
+    "stage2": (JointSFTStage, dict(transcripts=True), ("speech_projector", "sound_projector"),
+               ("speech", "sound")),
+    "stage3": (LongSpeechStage, dict(seconds=(31.0, 2.0)), ("speech_projector",),
+               ("long_speech",)),
+    "stage4": (SpeechGenStage, dict(units=True), ("speech_generator",), ()),
 }
+
+
+def of_adapter(name: str, adapters) -> bool:
+    """Whether a parameter name belongs to one of ``adapters`` (peft: ``lora_A.<adapter>.``)."""
+    return any(f".{a}." in name for a in adapters)
 
 
 def make(cls, **kw):
@@ -90,24 +98,31 @@ def make(cls, **kw):
 # ----------------------------------------------------------------------------- what trains
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainable_set_per_stage(case):
-    cls, _, parts, adapter = CASES[case]
+    cls, _, parts, adapters = CASES[case]
     torch.manual_seed(0)
     stage = make(cls)
     stage.configure_model()
     stage.configure_model()  # idempotent
     model = stage.model
     trains = {row for row, (t, _) in parameter_rows(model).items() if t}
-    assert trains == parts | ({f"lora:{adapter}"} if adapter else set())
+    assert trains == set(parts) | {f"lora:{a}" for a in adapters}
     for row, (t, f) in parameter_rows(model).items():
         assert (t == 0) or (f == 0), f"{row} is partly trainable"
-    assert lora.adapter_names(model.llm) == ([adapter] if adapter else [])
+    assert lora.adapter_names(model.llm) == list(adapters)
     for name, p in model.named_parameters():
         component = name.split(".")[0]
         component = "vision" if component == "visual" else component
         if ".lora_" in name:
-            assert p.requires_grad == (f".{adapter}." in name), name
+            assert p.requires_grad == of_adapter(name, adapters), name
         else:
             assert p.requires_grad == (component in parts), name
+
+
+def test_stage2_without_sound():
+    stage = make(JointSFTStage, sound=False)
+    stage.configure_model()
+    trains = {row for row, (t, _) in parameter_rows(stage.model).items() if t}
+    assert trains == {"speech_projector", "lora:speech"}
 
 
 def test_stage_defaults_follow_spec():
@@ -131,13 +146,13 @@ def test_stage_defaults_follow_spec():
 # ----------------------------------------------------------------------------- fitting
 @pytest.mark.parametrize("case", list(CASES))
 def test_fit_each_stage(case, caplog):
-    cls, batch_kw, parts, adapter = CASES[case]
+    cls, batch_kw, parts, adapters = CASES[case]
     torch.manual_seed(0)
     lr = 1e-2
     stage = make(cls, lr=lr, warmup_ratio=0.5)
     stage.configure_model()
     model = stage.model
-    trained = next(getattr(model, p) for p in sorted(parts)).parameters().__next__()
+    trained = next(getattr(model, parts[0]).parameters())
     frozen = model.llm.layers[0].mlp.up_proj
     frozen = getattr(frozen, "base_layer", frozen).weight
     before = trained.detach().clone(), frozen.detach().clone()
@@ -163,15 +178,15 @@ def test_fit_each_stage(case, caplog):
     assert torch.equal(frozen, before[1]), "a frozen weight moved"
     assert recorder.with_grad
     assert all(n.split(".")[1] in {"visual" if p == "vision" else p for p in parts}
-               or (adapter and f".{adapter}." in n) for n in recorder.with_grad)
+               or of_adapter(n, adapters) for n in recorder.with_grad)
 
     table = caplog.text
     assert "trainable vs frozen" in table
-    for part in parts | ({f"lora:{adapter}"} if adapter else set()):
+    for part in [*parts, *(f"lora:{a}" for a in adapters)]:
         assert part in table
 
     # a fully frozen LLM runs in eval mode (no dropout); one with a trained adapter trains
-    assert recorder.llm_training == [adapter is not None] * 4
+    assert recorder.llm_training == [bool(adapters)] * 4
     if case == "stage1":
         assert "train/lcmr" not in m
     if case == "stage2":
@@ -186,6 +201,45 @@ def test_fit_each_stage(case, caplog):
         assert not any(p.requires_grad for p in model.llm.parameters())
         out = stage(batches[0])  # the LLM records no graph: its states have no grad_fn
         assert out.state.hidden.grad_fn is None and out.generator_loss.requires_grad
+
+
+def sound_batch() -> LyraInputs:
+    """Two sound clips, a low tone and a noise burst, each answered by its own two tokens."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.arange(8000) / 16000
+    clips = [0.5 * torch.sin(2 * math.pi * 200 * t), torch.rand(6000, generator=g) - 0.5]
+    ids = torch.tensor([[5, SOUND, 6, 40, 41], [5, SOUND, 6, 50, 51]])
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, 3:] = ids[:, 3:]
+    return LyraInputs(ids, torch.tensor([5, 5]), labels=labels, sound=AudioBatch.from_list(clips))
+
+
+def test_stage2_trains_sound():
+    """Stage 2's sound samples train the sound projector and the ``sound`` adapter, which MLoRA
+    runs on sound batches, and nothing else (Whisper stays frozen): their loss falls."""
+    torch.manual_seed(0)
+    stage = make(JointSFTStage, lr=1e-2, warmup_ratio=0.0, lora_dropout=0.0)
+    stage.configure_model()
+    model = stage.model
+    batch = sound_batch()
+    assert model.adapters_for(batch) == ["sound"]
+
+    def ce() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(stage(batch).ce_loss)
+
+    before = ce()
+    whisper = [p.detach().clone() for p in model.audio_encoder.parameters()]
+    recorder = Recorder()
+    L.Trainer(max_steps=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder]
+              ).fit(stage, loader([batch] * 30))
+    after = ce()
+    assert after < before - 1.0, (before, after)  # 6.47 -> 4.10 when written
+    assert {n.split(".")[1] for n in recorder.with_grad} == {"sound_projector", "llm"}
+    assert all(".sound." in n for n in recorder.with_grad if ".llm." in n)
+    assert all(torch.equal(a, b) for a, b in zip(whisper, model.audio_encoder.parameters()))
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
@@ -233,20 +287,24 @@ def test_handoff_stage1_to_2_to_3(tmp_path):
     for a, b in zip(s1.model.speech_projector.state_dict().values(),
                     s2.model.speech_projector.state_dict().values()):
         assert torch.equal(a, b)
-    assert lora.adapter_names(s2.model.llm) == ["speech"]
-    with torch.no_grad():  # stage 2's training of its adapter
+    assert lora.adapter_names(s2.model.llm) == ["speech", "sound"]
+    with torch.no_grad():  # stage 2's training of its adapters and the sound projector
         for n, p in s2.model.llm.named_parameters():
-            if ".lora_B.speech." in n:
+            if ".lora_B.speech." in n or ".lora_B.sound." in n:
                 p.add_(torch.randn_like(p))
+        for p in s2.model.sound_projector.parameters():
+            p.add_(torch.randn_like(p))
     s2.save_model(tmp_path / "s2")
 
     s3 = LongSpeechStage(init_from=str(tmp_path / "s2"), **SMALL_LORA)
     s3.configure_model()
-    assert lora.adapter_names(s3.model.llm) == ["speech", "long_speech"]
+    assert sorted(lora.adapter_names(s3.model.llm)) == ["long_speech", "sound", "speech"]
     p2 = dict(s2.model.llm.named_parameters())
     for n, p in s3.model.llm.named_parameters():
-        if ".speech." in n:  # stage 2's adapter arrives, frozen
+        if ".speech." in n or ".sound." in n:  # stage 2's adapters arrive, frozen
             assert torch.equal(p, p2[n]) and not p.requires_grad
+    for a, b in zip(s2.model.sound_projector.parameters(), s3.model.sound_projector.parameters()):
+        assert torch.equal(a, b) and not b.requires_grad
         if ".long_speech." in n:
             assert p.requires_grad
     with pytest.raises(ValueError, match="different model"):

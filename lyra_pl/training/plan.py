@@ -41,9 +41,10 @@ GIB = 2**30
 STAGE_SEQ_LEN = {1: 2048, 2: 8192, 3: 131072, 4: 16384}
 """Default ``--seq-len`` per stage: the stage's max length in docs/method.md."""
 STAGE_LORA_RANK = {1: 0, 2: 64, 3: 128, 4: 0}
+STAGE_ADAPTERS = {1: 0, 2: 2, 3: 1, 4: 0}  # LoRA adapters trained: stage 2 speech + sound
 STAGE_TRAINABLE = {
     1: "speech projector",
-    2: "speech projector + LoRA r64 (q,k,v,o,gate,up,down)",
+    2: "speech + sound projectors + speech and sound LoRA r64 (q,k,v,o,gate,up,down)",
     3: "speech projector + LoRA r128 (q,k,v,o,gate,up,down)",
     4: "speech generator (LLM frozen, run without grad)",
 }
@@ -216,7 +217,7 @@ def estimate(
     # --- parameters
     total = counts["total"]
     rank = STAGE_LORA_RANK[stage]
-    lora_layer = lora_params_per_layer(config, rank) if rank else 0
+    lora_layer = lora_params_per_layer(config, rank) * STAGE_ADAPTERS[stage] if rank else 0
     lora_n = lora_layer * L
     layer_n = decoder_layer_params(config)
     gen_layer_n = _qwen2_layer_params(config.generator_hidden, config.generator_heads,
@@ -245,6 +246,8 @@ def estimate(
         trainable = counts["speech_generator"]
     else:
         trainable = counts["speech_projector"] + lora_n
+        if stage == 2:
+            trainable += counts["sound_projector"]
     grads = _ceil_div(4 * trainable, shard)
     optimizer = _ceil_div(2 * 4 * trainable, shard)
     notes.append(
@@ -253,7 +256,9 @@ def estimate(
         f"encoder and ViT frozen and run without grad (no stored activations)."
     )
     if rank:
-        notes.append(f"LoRA r{rank}: r*(9h + 2*kv_dim + 3I) = {lora_layer:,} per layer, fp32.")
+        notes.append(f"LoRA r{rank}: r*(9h + 2*kv_dim + 3I) per adapter x "
+                     f"{STAGE_ADAPTERS[stage]} adapter(s) = {lora_layer:,} per layer, fp32; "
+                     f"activations count one adapter per token.")
 
     # --- activations
     eager = seq_len if config.attn_implementation == "eager" else 0

@@ -5,12 +5,22 @@ shared base, :class:`LyraStage`.
 |---|---|---|---|---|
 | 0 base VLM (tiny only) | :class:`BaseVLMStage` | decoder, lm_head, ViT | 1e-3 | LCMR off |
 | 1 speech alignment | :class:`SpeechAlignStage` | speech projector | 1e-3 | LCMR off |
-| 2 joint SFT | :class:`JointSFTStage` | projector + ``speech`` LoRA (r64, a16) | 2e-4 | LCMR 0.5 |
+| 2 joint SFT | :class:`JointSFTStage` | speech projector + ``speech`` LoRA (r64, a16); sound projector + ``sound`` LoRA | 2e-4 | LCMR 0.5 |
 | 3 long speech SFT | :class:`LongSpeechStage` | projector + ``long_speech`` LoRA (r128, a256) | 1e-4 | LMME(4, 0.7) |
 | 4 speech generation | :class:`SpeechGenStage` | speech generator | 2e-4 | warmup 9% |
 
 All stages: AdamW (weight decay 0), cosine schedule with linear warmup (3%, 9% in stage 4),
 stepped per optimizer step. Precision (bf16) is the Trainer's ``precision`` setting.
+
+**Sound is part of stage 2.** The paper trains sound understanding in a separate SFT on
+AudioCaps (46K samples). Here the sound samples (AudioCaps-style captions, official JSON with
+``sound`` items) join the stage-2 mix, and stage 2 also trains the sound projector and a
+``sound`` LoRA adapter (the same LoRA spec as ``speech``), which MLoRA runs on every batch
+holding sound (:func:`lyra_pl.model.lora.select_adapters`); Whisper stays frozen. One stage
+rather than a separate one: the sound parts share no weight with the speech parts, so they
+train in the same pass over the data with no extra hand-off or run; the price is that a batch
+mixing sound with other samples runs the sound adapter on all of them (adapters are chosen per
+batch). ``sound=False`` leaves the sound parts out, for a mix without sound.
 
 **Batches.** A batch is a :class:`~lyra_pl.model.LyraInputs`, or a dict
 ``{"inputs": LyraInputs, "units": (B, U) long, "unit_lengths": (B,) long}``; stage 4 needs the
@@ -30,9 +40,9 @@ into its freshly built model before choosing what trains. Lightning's own checkp
 
 **Multi-modality LoRA.** A batch runs the adapters of its modalities
 (:meth:`~lyra_pl.model.LyraModel.adapters_for`): the ``speech`` adapter for speech up to one
-30 s window, ``long_speech`` for longer speech when that adapter exists. Text and image batches
-run the base model. A stage warns once when a training batch with speech does not reach the
-adapter it trains (short clips in stage 3).
+30 s window, ``long_speech`` for longer speech when that adapter exists, ``sound`` for sound.
+Text and image batches run the base model. A stage warns once when a training batch with speech
+does not reach the speech adapter it trains (short clips in stage 3).
 """
 from __future__ import annotations
 
@@ -119,8 +129,10 @@ class LyraStage(L.LightningModule):
 
     model_defaults: ClassVar[dict[str, Any]] = {}
     """LyraConfig overrides this stage applies before the user's ``model_overrides``."""
-    trainable_parts: ClassVar[tuple[str, ...]] = ()
+    trainable_parts: tuple[str, ...] = ()
     """Attributes of :class:`LyraModel` that train (everything else is frozen)."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters that train (:class:`_LoraStage`), the speech one first."""
 
     def __init__(
         self,
@@ -367,9 +379,9 @@ class LyraStage(L.LightningModule):
         return {"tokens": out.tokens, "instruction": kinds, **extra}
 
     def _check_adapter_used(self, inputs: LyraInputs, out: LyraOutput) -> None:
-        """Warns once when a batch with speech does not run the adapter this stage trains
-        (e.g. short clips in stage 3). Text/image batches run the base model by design."""
-        adapter = getattr(self, "adapter", None)
+        """Warns once when a batch with speech does not run the speech adapter this stage
+        trains (e.g. short clips in stage 3). Text/image batches run the base model by design."""
+        adapter = next(iter(self.adapters), None)
         speech = {"speech", "long_speech"} & inputs.modalities()
         if adapter and speech and adapter not in out.adapters and not self._warned_adapter:
             self._warned_adapter = True
@@ -437,10 +449,9 @@ def token_metrics(out: LyraOutput) -> dict[str, Tensor]:
 
 # ----------------------------------------------------------------------------- stages
 class _LoraStage(LyraStage):
-    """A stage that trains the speech projector and one LoRA adapter on the LLM (added unless
-    ``init_from`` already brought it)."""
+    """A stage that trains the speech projector and its :attr:`adapters` on the LLM, each
+    added with ``lora_spec`` unless ``init_from`` already brought it."""
 
-    adapter: ClassVar[str] = ""
     trainable_parts = ("speech_projector",)
 
     def __init__(self, lora_r: int, lora_alpha: float, lora_dropout: float, **kwargs: Any):
@@ -449,9 +460,10 @@ class _LoraStage(LyraStage):
 
     def setup_trainable(self, model: LyraModel) -> None:
         super().setup_trainable(model)
-        if self.adapter not in lora.adapter_names(model.llm):
-            lora.add_adapter(model.llm, self.adapter, self.lora_spec)
-        lora.trainable_adapter_parameters(model.llm, [self.adapter])
+        for name in self.adapters:
+            if name not in lora.adapter_names(model.llm):
+                lora.add_adapter(model.llm, name, self.lora_spec)
+        lora.trainable_adapter_parameters(model.llm, list(self.adapters))
 
 
 class BaseVLMStage(LyraStage):
@@ -484,16 +496,24 @@ class SpeechAlignStage(LyraStage):
 
 
 class JointSFTStage(_LoraStage):
-    """Stage 2, joint text-image-speech SFT: projector + ``speech`` LoRA (r 64, alpha 16),
-    loss CE + 0.5 LCMR (batches need ``transcript_ids`` for the LCMR term)."""
+    """Stage 2, joint text-image-speech SFT: speech projector + ``speech`` LoRA (r 64,
+    alpha 16), loss CE + 0.5 LCMR (batches need ``transcript_ids`` for the LCMR term).
+
+    ``sound``: the mix's sound samples also train the sound projector and a ``sound`` adapter
+    (the same LoRA spec), the paper's separate sound SFT folded into this stage (see the module
+    docstring)."""
 
     model_defaults = {"lcmr_weight": 0.5}
-    adapter = "speech"
+    adapters = ("speech",)
 
     def __init__(self, lr: float = 2e-4, lora_r: int = 64, lora_alpha: float = 16,
-                 lora_dropout: float = 0.05, **kwargs: Any):
+                 lora_dropout: float = 0.05, sound: bool = True, **kwargs: Any):
         super().__init__(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lr=lr, **kwargs)
+        self.sound = sound
+        if sound:
+            self.adapters = (*self.adapters, "sound")
+            self.trainable_parts = (*self.trainable_parts, "sound_projector")
 
 
 class LongSpeechStage(_LoraStage):
@@ -502,7 +522,7 @@ class LongSpeechStage(_LoraStage):
     ``long_speech`` adapter runs on batches with speech longer than one 30 s window."""
 
     model_defaults = {"lmme_blocks": 4, "lmme_keep_ratio": 0.7, "lcmr_weight": 0.0}
-    adapter = "long_speech"
+    adapters = ("long_speech",)
 
     def __init__(self, lr: float = 1e-4, lora_r: int = 128, lora_alpha: float = 256,
                  lora_dropout: float = 0.05, **kwargs: Any):

@@ -35,8 +35,9 @@ from lyra_pl.data.corpus.speech import (ANSWER_VOICE, TRAIN_VOICES, VAL_VOICE, V
                                         CorpusError, espeak_version, random_voice,
                                         require_espeak, synthesize)
 from lyra_pl.data.corpus.text import (ASR_PROMPTS, COLORS, IMAGE_ANSWERS, IMAGE_QUESTIONS,
-                                      NEEDLES, SHAPES, SOUND_QUESTIONS, WORDS, asr_sentences,
-                                      image_qa_answer, text_qa_pairs, vocabulary_text)
+                                      NEEDLES, SAY_PROMPTS, SHAPES, SOUND_QUESTIONS, WORDS,
+                                      asr_sentences, image_qa_answer, text_qa_pairs,
+                                      vocabulary_text)
 from lyra_pl.data.corpus.units import UnitExtractor
 from lyra_pl.data.media import encode_wav
 from lyra_pl.data.tokenizer import build_tiny_tokenizer
@@ -55,7 +56,7 @@ class CorpusSizes:
     asr: tuple[int, int] = (110, 22)  # stage 1 samples, one clip each
     images: tuple[int, int] = (600, 30)  # stage 2 images, each asked its color, shape, word
     word_fraction: float = 1.0  # of the images with a printed word (others: no word question)
-    sound_variants: tuple[int, int] = (1, 1)  # renderings of each of the 6 sound events
+    sound_variants: tuple[int, int] = (8, 2)  # renderings of each of the 6 sound events
     long: tuple[int, int] = (2, 1)  # stage 3 recordings, two questions each
     long_seconds: tuple[float, float] = (60.5, 61.0)  # range of a recording's target length
     qa: tuple[int, int] = (150, 30)  # stage 4 samples
@@ -228,12 +229,19 @@ def stage2_joint(media: _Media, images: dict[str, list[dict[str, Any]]],
     return samples
 
 
-def stage0_vlm(joint: dict[str, list[Sample]]) -> dict[str, list[Sample]]:
+def stage0_vlm(joint: dict[str, list[Sample]], rng: random.Random) -> dict[str, list[Sample]]:
     """The typed image questions of stage 2: what the tiny preset's stand-in for a pretrained
-    Qwen2-VL learns first (real presets start from Qwen2-VL itself)."""
+    Qwen2-VL learns first (real presets start from Qwen2-VL itself). Training also asks it to
+    say each sound caption back (text only, :data:`SAY_PROMPTS`): a pretrained LLM can say any
+    caption, while a base trained on one-word answers alone never learns to, and stage 2, whose
+    LLM is frozen (LoRA only), could not teach it."""
     out = {}
     for split, samples in joint.items():
         typed = [dict(s) for s in samples if "image" in s and "speech" not in s]
+        if split == "train":
+            typed += [{"conversations": [human(p.format(c)), gpt(c)]}
+                      for c in SOUND_EVENTS for p in SAY_PROMPTS]
+            rng.shuffle(typed)
         for i, s in enumerate(typed):
             s["id"] = f"vlm_{split}_{i:03d}"
         out[split] = typed
@@ -453,7 +461,7 @@ def _build(final: Path, seed: int, sizes: CorpusSizes, k: int, hubert: str | Pat
         "stage2_joint": stage2_joint(media, images, questions, sizes, rngs["stage2_joint"], g,
                                      progress),
     }
-    stages["stage0_vlm"] = stage0_vlm(stages["stage2_joint"])
+    stages["stage0_vlm"] = stage0_vlm(stages["stage2_joint"], rngs["stage0_vlm"])
     stages["stage3_long"], long_info = stage3_long(media, clips, sizes, rngs["stage3_long"],
                                                    progress)
     extractor = UnitExtractor(k, seed, hubert)
@@ -515,6 +523,7 @@ def readme(info: dict[str, Any]) -> str:
     longs = "\n".join(f"  - `{rel}`: {r['seconds']} s; needles "
                       + ", ".join(f"\"{n['text']}\" at {n['start_s']} s" for n in r["needles"])
                       for rel, r in info["long_speech"].items())
+    sv = info["sizes"]["sound_variants"]
     words = info["sizes"]["word_fraction"]
     words = "each with" if words == 1 else f"{words:.0%} of them with"
     return f"""# The tiny Lyra corpus
@@ -539,7 +548,10 @@ Media paths in the JSON files are relative to this directory.
 ## What each stage holds
 - **stage0_vlm**: the typed image questions of stage2_joint, for the tiny preset's base
   vision-language model (the stand-in for a pretrained Qwen2-VL, which the other presets
-  load instead).
+  load instead), plus, in training, each sound caption asked to be said back
+  (`Say: low hum` -> "low hum", {len(SAY_PROMPTS)} phrasings, text only): a pretrained LLM
+  can say any caption; this one learns to say these, so that stage 2 (LLM frozen, LoRA only)
+  has only to learn which sound is which.
 - **stage1_asr**: short phrases from small word lists (numbers, colors, shapes, objects),
   each spoken by espeak-ng with a random voice ({v['stage1_and_3']}), plus the spoken
   stage-2 questions of the same split (shared clips); human `<speech>` + an instruction,
@@ -552,7 +564,11 @@ Media paths in the JSON files are relative to this directory.
   shared clips (question type x phrasing x voice): training voices
   {", ".join(v['train_questions'])}; validation uses only {v['val_questions']} (held out)
   and images not in training. Plus
-  sound events synthesized with numpy (`<sound>\\nWhat do you hear?` -> "a rising chirp").
+  sound events synthesized with numpy (`<sound>\\nWhat do you hear?` -> "rising chirp"):
+  {len(SOUND_EVENTS)} events ({", ".join(SOUND_EVENTS)}),
+  each rendered {sv[0]} times for training (pitch, length and loudness drawn anew, each
+  rendering asked {len(SOUND_QUESTIONS)} ways) and {sv[1]} more times for validation; stage 2
+  trains the sound projector and the `sound` LoRA adapter on them.
   **Every validation sample has a `choices` field**: the possible answers of its question
   type, for an exact-match accuracy eval (chance = 1 / len(choices)).
 - **stage3_long**: recordings longer than two 30 s Whisper windows: stage-1 phrases of the

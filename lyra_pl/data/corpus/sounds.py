@@ -48,14 +48,16 @@ def two_beeps(g: np.random.Generator, rate: int) -> np.ndarray:
 
 
 SOUND_EVENTS = {
-    "a high beep": high_beep,
-    "a low hum": low_hum,
-    "a rising chirp": rising_chirp,
-    "a falling chirp": falling_chirp,
-    "a burst of noise": noise_burst,
+    "high beep": high_beep,
+    "low hum": low_hum,
+    "rising chirp": rising_chirp,
+    "falling chirp": falling_chirp,
+    "noise burst": noise_burst,
     "two short beeps": two_beeps,
 }
-"""caption -> generator(np.random.Generator, rate) -> float waveform."""
+"""caption -> generator(np.random.Generator, rate) -> float waveform. Each caption's first word
+is its own, so the event is decided at the answer's first token, as the tiny base model's
+one-word image answers are (the rest then follows the words, which stage 0 teaches it)."""
 
 
 def sound_event(caption: str, g: np.random.Generator, rate: int = 8000) -> np.ndarray:

@@ -30,7 +30,12 @@ IMAGE_QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 IMAGE_ANSWERS: dict[str, tuple[str, ...]] = {"color": COLORS, "shape": SHAPES, "word": WORDS}
 
-SOUND_QUESTIONS = ("What do you hear?", "Describe the sound.")
+SOUND_QUESTIONS = ("What do you hear?", "Describe the sound.", "What sound is this?",
+                   "Name the sound.")
+# Stage 0: typed requests to say a sound caption back, so that the tiny base model can say the
+# captions (a pretrained LLM can) and stage 2 has mainly to learn which sound is which.
+SAY_PROMPTS = ("Say: {}", "Repeat: {}", "Write: {}", "Say this: {}", "Repeat after me: {}",
+               "Copy: {}")
 
 # Stage 3: needles hidden in long recordings, and the questions that find them.
 CODE_WORDS = ("banana", "mango", "cherry", "lemon", "grape", "peach")
@@ -116,7 +121,8 @@ def vocabulary_text() -> str:
     depend on how many samples a build draws (a small build still gives 244 merges)."""
     lines = [" ".join(NUMBERS), " ".join(COLORS), " ".join(SHAPES), " ".join(WORDS),
              " ".join(OBJECTS), " ".join(plural(o) for o in OBJECTS + SHAPES),
-             " ".join(CODE_WORDS), *ASR_PROMPTS, *SOUND_QUESTIONS]
+             " ".join(CODE_WORDS), *ASR_PROMPTS, *SOUND_QUESTIONS,
+             *(p.format("") for p in SAY_PROMPTS)]
     for qs in IMAGE_QUESTIONS.values():
         lines += qs
     for template, question, answers in NEEDLES.values():
