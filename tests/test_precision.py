@@ -70,3 +70,23 @@ def test_the_cli_refuses_an_inconsistent_pair_before_anything_starts(tmp_path, m
     assert len(errors) == 1 and "trainer.precision=bf16-mixed" in errors[0] \
         and "param_dtype=bfloat16" in errors[0], errors
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_stage_set_up_in_python_is_checked_when_it_builds_its_model(tmp_path):
+    """No CLI, no preflight: the stage's own configure_model refuses the pair, before building."""
+    import lightning as L
+
+    from lyra_pl.training.stages import SpeechAlignStage
+
+    stage = SpeechAlignStage(preset="tiny", param_dtype="bfloat16")
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path)
+    stage.trainer = trainer
+    with pytest.raises(ValueError, match="param_dtype=bfloat16.*does not use FSDP2"):
+        stage.configure_model()
+    assert stage.model is None
+    # the defaults (no FSDP2 dtypes) build
+    ok = SpeechAlignStage(preset="tiny")
+    ok.trainer = trainer
+    ok.configure_model()
+    assert ok.model is not None

@@ -163,11 +163,12 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
 
     overrides = {"lmme_blocks": setting[0], "lmme_keep_ratio": setting[1]} if setting else {}
     cuda = device.type == "cuda"
+    fsdp_bf16 = cuda and args.strategy == "fsdp"  # FSDP2's policy owns precision; else autocast
     stage = JointSFTStage(preset=args.preset, model_overrides=overrides,
                           lora_r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                           activation_checkpointing=args.activation_checkpointing,
-                          param_dtype="bfloat16" if cuda else None,
-                          reduce_dtype="float32" if cuda else None, warmup_ratio=0.0)
+                          param_dtype="bfloat16" if fsdp_bf16 else None,
+                          reduce_dtype="float32" if fsdp_bf16 else None, warmup_ratio=0.0)
     batch = make_batch(stage.config, args.seq, args.batch_size)
     timer = StepTimer(args.warmup, device)
     strategy = FSDP2Strategy() if args.strategy == "fsdp" else "auto"

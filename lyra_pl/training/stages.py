@@ -61,6 +61,7 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
+from lyra_pl.training import precision
 from lyra_pl.training.epoch_means import EpochMeans
 from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, parallelize,
                                           parameter_share, unsharded_root)
@@ -121,7 +122,10 @@ class LyraStage(L.LightningModule):
         max_new_tokens: answer length limit of ``predict`` (greedy generation).
         activation_checkpointing, compile, param_dtype, reduce_dtype: passed to
             :func:`~lyra_pl.training.parallelize.parallelize` (the dtypes are FSDP2's mixed
-            precision, used only under ``ModelParallelStrategy``; None keeps the weights' dtype).
+            precision, allowed only under ``ModelParallelStrategy``, where the shipped configs
+            set bfloat16 / float32; None keeps the weights' dtype). One setting owns the
+            precision (:mod:`lyra_pl.training.precision`), checked again in
+            :meth:`configure_model`.
 
     Subclasses set :attr:`model_defaults`, :attr:`trainable_parts` (and, for LoRA stages, an
     adapter) or override :meth:`setup_trainable` and :meth:`compute_loss`.
@@ -147,8 +151,8 @@ class LyraStage(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         activation_checkpointing: bool = False,
         compile: bool = False,
-        param_dtype: str | None = "bfloat16",
-        reduce_dtype: str | None = "float32",
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = None,
         hybrid_shard: bool = False,
         max_new_tokens: int = 32,
     ):
@@ -189,6 +193,9 @@ class LyraStage(L.LightningModule):
         rank's shards (:func:`materialize`), then load the weights slice by slice."""
         if self.model is not None:
             return
+        if self._trainer is not None:  # the preflight checked CLI runs; this, runs set up in Python
+            precision.check(self.trainer.precision, self.param_dtype, self.reduce_dtype,
+                            fsdp2=self.device_mesh is not None)
         if self.device_mesh is None:
             model = LyraModel(self.config)
             self._load_weights(model)
