@@ -237,7 +237,7 @@ def test_speech_rejects_mismatched_projector(encoder):
         encoder.speech(AudioBatch.from_list([noise(1, 0)]), SpeechProjector(64, OUT, hidden=8))
 
 
-def test_speech_empty_batch_calls_projector(encoder, speech_projector):
+def test_speech_empty_batch_gives_no_tokens(encoder, speech_projector):
     tokens, counts = encoder.speech(AudioBatch.from_list([]), speech_projector)
     assert tokens.shape == (0, OUT) and counts.shape == (0,)
 

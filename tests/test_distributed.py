@@ -205,28 +205,45 @@ _MIXED = textwrap.dedent("""
     text = Sample(input_ids=[5, 7, 8, 9, 10], labels=[-100, -100, -100, 9, 10])
     data = torch.utils.data.DataLoader([samples()[0], text], batch_size=1, collate_fn=batch_of)
     stage = LongSpeechStage(**{**STAGE, "lr": 1e-2})  # LMME on as well
+
+
+    class LoraCalls(L.Callback):  # forward calls of the adapter's LoRA linears
+        calls = 0
+
+        def count(self, *_):
+            self.calls += 1
+
+        def on_train_start(self, trainer, pl_module):
+            for m in pl_module.model.llm.modules():
+                for attr in ("lora_A", "lora_B"):
+                    for linear in getattr(m, attr, {}).values():
+                        linear.register_forward_hook(self.count)
+    calls = LoraCalls()
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=2, strategy=FSDP2Strategy(),
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        enable_checkpointing=False)
+                        enable_checkpointing=False, callbacks=[calls])
     trainer.fit(stage, data)
     moved = float(next(stage.model.speech_projector.parameters()).full_tensor().abs().sum())
-    open(f"mixed{trainer.global_rank}.txt", "w").write(str(moved))
+    open(f"mixed{trainer.global_rank}.txt", "w").write(f"{moved} {calls.calls}")
     close_process_group()  # as `lyra-pl` does: gloo can abort the exit otherwise
 """)
 
 
 def test_fsdp2_ranks_with_different_modalities(tmp_path):
     """One rank trains on a spoken sample, the other on a text-only one (its batch selects no
-    adapter and never uses the speech projector): the model's uniform graph keeps both ranks'
+    adapter and never uses the speech projector): the uniform-graph hooks keep both ranks'
     gradient reductions identical, so training neither hangs nor crashes on a collective
-    mismatch, and both ranks see the same (gathered) weights."""
+    mismatch, and both ranks see the same (gathered) weights. Neither batch selects the
+    ``long_speech`` adapter (the clip is short): it runs no LoRA matmul on either rank."""
     script = tmp_path / "mixed.py"
     script.write_text(f"TESTS = {str(Path(__file__).resolve().parent)!r}\n" + _MIXED)
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    a, b = (float((tmp_path / f"mixed{r}.txt").read_text()) for r in (0, 1))
+    (a, calls_a), (b, calls_b) = (map(float, (tmp_path / f"mixed{r}.txt").read_text().split())
+                                  for r in (0, 1))
     assert a == pytest.approx(b, rel=1e-6)
+    assert calls_a == calls_b == 0
 
 
 _SYNCED = textwrap.dedent("""

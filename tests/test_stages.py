@@ -243,8 +243,10 @@ def test_stage2_trains_sound():
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+@pytest.mark.filterwarnings("ignore:`training_step` returned `None`")
 def test_batches_that_miss_the_trained_adapter():
-    """A text-only batch in stage 2 runs the base model (MLoRA): a zero gradient step, no crash.
+    """A text-only batch in stage 2 runs the base model (MLoRA): nothing trainable ran, so on
+    one process the step is skipped (no loss to backward, no weight moves), no crash.
     Stage 3 warns when a batch's speech is too short to run its long_speech adapter."""
     text = LyraInputs(torch.tensor([[5, 6, 7, 8]]),
                       labels=torch.tensor([[IGNORE, IGNORE, 7, 8]]))
@@ -254,9 +256,12 @@ def test_batches_that_miss_the_trained_adapter():
         warnings.simplefilter("always")
         loss = stage.training_step(text, 0)
     assert not [w for w in caught if "adapter" in str(w.message)]
-    assert loss.requires_grad
-    loss.backward()
-    assert all(float(p.grad.abs().sum()) == 0 for p in stage.trainable_parameters())
+    assert loss is None and "train/loss" in stage.step_metrics  # still logged
+    before = [p.detach().clone() for p in stage.trainable_parameters()]
+    L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False
+              ).fit(stage, loader([text] * 2))
+    assert all(torch.equal(a, b) for a, b in zip(before, stage.trainable_parameters()))
     stage3 = make(LongSpeechStage)
     stage3.configure_model()
     with pytest.warns(UserWarning, match="long_speech"):

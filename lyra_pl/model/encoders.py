@@ -148,9 +148,8 @@ class AudioEncoder(nn.Module):
             rows = torch.nonzero_static(keep.flatten(), size=sum(plan.tokens[start:stop]))
             kept = groups.flatten(0, 1).index_select(0, rows.squeeze(1))
             pieces.append(projector(kept.reshape(-1, self.dim).to(dtype)))
-        if not pieces:  # no clips: still call the projector, so every rank runs the same modules
-            device = self.whisper.conv1.weight.device
-            pieces.append(projector(torch.zeros(0, self.dim, device=device, dtype=dtype)))
+        if not pieces:  # no clips
+            pieces.append(projector.linear2.weight.new_zeros(0, projector.out_dim))
         return torch.cat(pieces), audio.num_tokens()
 
     def sound(self, audio: AudioBatch, projector: SoundProjector) -> tuple[Tensor, Tensor]:

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from lyra_pl.model.safetensors_file import SafetensorsFile
 
@@ -190,11 +191,16 @@ def load_whisper(model: nn.Module, directory: str | Path) -> None:
     _init_buffers(model)
 
 
+def is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is sharded: a ``DTensor``, as FSDP2 makes every parameter it manages. The
+    one test of it, for loading, :mod:`lora` and :mod:`lyra_pl.training.parallelize`."""
+    return isinstance(t, DTensor)
+
+
 def _local_index(t: Tensor) -> tuple[slice, ...]:
-    """Which slice of the full tensor a sharded (DTensor) ``t`` holds on this rank: each mesh
-    dimension that shards a tensor dimension (FSDP2: dim 0) splits it as ``torch.chunk`` does.
-    Duck-typed (placements with a ``dim`` are shards), so the model imports nothing
-    distributed."""
+    """Which slice of the full tensor a sharded ``t`` holds on this rank: each mesh dimension
+    that shards a tensor dimension (FSDP2: dim 0) splits it as ``torch.chunk`` does
+    (placements with a ``dim`` are shards)."""
     index = [slice(None)] * t.dim()
     coord = t.device_mesh.get_coordinate()
     for i, placement in enumerate(t.placements):
@@ -221,7 +227,7 @@ def copy_into(target: Tensor, full: Tensor) -> None:
     rank's slice into a sharded one (for tensors already in memory, such as LoRA adapters;
     checkpoint files are read slice by slice by :func:`_load_file`)."""
     with torch.no_grad():
-        if hasattr(target, "to_local"):
+        if is_sharded(target):
             _copy_shard(target, full[_local_index(target)])
         else:
             target.copy_(full)
@@ -232,7 +238,7 @@ def _read_into(target: Tensor, f: SafetensorsFile, key: str) -> None:
     only the rows of this rank's slice (dim 0, how FSDP2 shards), cut further in memory if
     another dimension is sharded too. ``copy_`` casts to the target's dtype."""
     with torch.no_grad():
-        if hasattr(target, "to_local"):
+        if is_sharded(target):
             index = _local_index(target)
             piece = f.read(key, index[0])[(slice(None), *index[1:])] if index else f.read(key)
             _copy_shard(target, piece)
@@ -246,7 +252,7 @@ def _load_file(module: nn.Module, own: dict[str, Tensor], f: SafetensorsFile,
     one at a time, each cast to its parameter's dtype as it is read: into a sharded (FSDP2)
     module only this rank's slices, into a plain one by copying; a module on the meta device
     has the file's tensors assigned instead (``assign=True``)."""
-    sharded = any(hasattr(p, "to_local") for p in module.parameters())
+    sharded = any(is_sharded(p) for p in module.parameters())
     if not sharded and any(p.is_meta for p in module.parameters()):
         state = {name: f.read(key).to(own[name].dtype) for key, name in names.items()}
         module.load_state_dict(state, strict=False, assign=True)
@@ -256,9 +262,8 @@ def _load_file(module: nn.Module, own: dict[str, Tensor], f: SafetensorsFile,
 
 
 def full_tensor(t: Tensor) -> Tensor:
-    """A plain tensor of ``t``; a sharded (DTensor) one is gathered, which every rank must do
-    together (duck-typed, so the model needs no distributed import)."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """A plain tensor of ``t``; a sharded one is gathered, which every rank must do together."""
+    return t.full_tensor() if is_sharded(t) else t
 
 
 def save_parts(model: nn.Module, directory: str | Path, parts: tuple[str, ...] = PARTS,

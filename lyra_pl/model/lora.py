@@ -50,7 +50,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lyra_pl.model.loading import copy_into, full_tensor
+from lyra_pl.model.loading import copy_into, full_tensor, is_sharded
 
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -225,32 +225,18 @@ def add_adapter(
     _inject(module, name, spec.to_peft(), fp32_weights)
 
 
-def set_active_adapters(module: nn.Module, names: Sequence[str],
-                        zero: Sequence[str] = ()) -> None:
+def set_active_adapters(module: nn.Module, names: Sequence[str]) -> None:
     """Make exactly ``names`` active (peft sums several); empty = the base model, bit-exactly.
 
-    ``zero``: adapters that also run, at scale 0: the output is unchanged but their weights
-    are in the autograd graph (with zero gradients), which sharded training needs when ranks
-    would otherwise use different adapters. Every call sets every adapter's scale, so a zero
-    scale never outlives its batch (and holds through activation-checkpoint recomputation).
-    ``requires_grad`` is left as it was, so per-batch switching never changes what the
-    optimizer owns. A layer an adapter does not target skips it (peft's forward does).
+    An inactive adapter does not run at all (peft's forward skips it), and a layer an adapter
+    does not target skips it too. ``requires_grad`` is left as it was, so per-batch switching
+    never changes what the optimizer owns.
     """
     names = _check_known(module, names)
-    zero = [z for z in _check_known(module, zero) if z not in names]
-    active = [*names, *zero]
     with _keep_requires_grad(module):
-        set_adapter(module, active)
+        set_adapter(module, names)
         for layer in _tuner_layers(module):
-            layer.enable_adapters(bool(active))
-            for name in adapter_names(module):
-                layer.set_scale(name, 0.0 if name in zero else 1.0)
-
-
-def trainable_adapters(module: nn.Module) -> list[str]:
-    """The adapters with at least one weight that requires grad."""
-    return [name for name in adapter_names(module)
-            if any(p.requires_grad for p in _adapter_parameters(module, name))]
+            layer.enable_adapters(bool(names))
 
 
 def trainable_adapter_parameters(module: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
@@ -287,7 +273,7 @@ def save_adapter(module: nn.Module, name: str, directory: str | os.PathLike,
     with ``write`` true on one.
     """
     _check_known(module, [name])
-    state = {  # sharded (DTensor) weights are gathered: every rank calls, one writes
+    state = {  # sharded weights are gathered: every rank calls, one writes
         PEFT_KEY_PREFIX + key: full_tensor(value.detach()).contiguous().cpu()
         for key, value in _adapter_state_dict(module, name).items()
     }
@@ -379,7 +365,7 @@ def load_adapter(
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match adapter {name!r}: "
                          + "; ".join(problems))
     params = dict(module.named_parameters())
-    if any(hasattr(p, "to_local") for p in params.values()):
+    if any(is_sharded(p) for p in params.values()):
         # Sharded by FSDP2: each rank copies its slice of every tensor into its shard.
         for key, value in state.items():
             path = key.removeprefix(PEFT_KEY_PREFIX)

@@ -2,7 +2,7 @@
 generator, as one plain ``nn.Module`` (no Lightning, nothing distributed)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -188,18 +188,12 @@ class LyraModel(nn.Module):
         """The LoRA adapters a batch uses (multi-modality LoRA): chosen from its modalities."""
         return lora.select_adapters(inputs.modalities(), lora.adapter_names(self.llm))
 
-    def activate_adapters(self, inputs: LyraInputs, adapters: list[str] | None = None,
-                          uniform_graph: bool = False) -> list[str]:
+    def activate_adapters(self, inputs: LyraInputs, adapters: list[str] | None = None) -> list[str]:
         """Activates the batch's adapters (default :meth:`adapters_for`) and returns them. Always
-        set, also to none, so that a previous batch's adapter never leaks into this one.
-        ``uniform_graph``: trainable adapters the batch does not select run at scale 0."""
+        set, also to none, so that a previous batch's adapter never leaks into this one."""
         adapters = self.adapters_for(inputs) if adapters is None else adapters
-        names = lora.adapter_names(self.llm)
-        if names:
-            zero = []
-            if uniform_graph:
-                zero = [n for n in lora.trainable_adapters(self.llm) if n not in adapters]
-            lora.set_active_adapters(self.llm, adapters, zero=zero)
+        if lora.adapter_names(self.llm):
+            lora.set_active_adapters(self.llm, adapters)
         return adapters
 
     # ------------------------------------------------------------------ encoding
@@ -269,32 +263,14 @@ class LyraModel(nn.Module):
         cache: DecoderCache | None = None,
         units: Tensor | None = None,
         unit_lengths: Tensor | None = None,
-        uniform_graph: bool = False,
     ) -> LyraOutput:
         """Training/evaluation pass. CE is computed only at positions with a target (the
         surviving answer tokens), so the (B, N, vocab) logits are built only when asked for.
         ``units`` / ``unit_lengths`` (B, U) / (B,): speech unit targets; the generator's loss is
-        computed here, inside forward, so that it also works under FSDP.
-
-        ``uniform_graph``: every trainable parameter takes part in the loss's autograd graph
-        whatever the batch holds (values unchanged): trainable adapters the batch does not
-        select run at scale 0, and the trainable parameters outside the layers (a speech
-        projector on a text batch) join the decoder input with weight 0. Sharded training
-        needs it: every rank must reduce gradients for the same parameters, in the same
-        order."""
+        computed here, inside forward, so that it also works under FSDP."""
         cfg = self.config
-        adapters = self.activate_adapters(inputs, adapters, uniform_graph)
+        adapters = self.activate_adapters(inputs, adapters)
         assembled, media = self.prepare(inputs)
-        if uniform_graph:
-            # Trainable parameters outside the decoder/generator layers (plain tensors here;
-            # sharded layer weights are DTensors and take part through their own forward)
-            # enter the decoder input with weight 0, so that it requires grad on every rank
-            # and the layers' gradients are reduced in the same order everywhere.
-            unused = [p.sum() for p in self.parameters()
-                      if p.requires_grad and not hasattr(p, "to_local")]
-            if unused:
-                zero = 0.0 * torch.stack(unused).sum()
-                assembled = replace(assembled, embeds=assembled.embeds + zero)
         state, keeps = self.run_decoder(assembled, cache)
         logits = self.lm_head(state.hidden) if return_logits else None
         ce = None

@@ -21,6 +21,8 @@ KNOWN = (
      "val/ metrics are already reduced over the ranks (training/epoch_means.py)"),
     (r"The number of training batches \(\d+\) is smaller than the logging interval",
      "EdgeStepLogs (training/callbacks.py) logs the first and the last step whatever it is"),
+    (r"`training_step` returned `None`\. If this was on purpose",
+     "on purpose: a batch that uses nothing trainable has no backward (training/stages.py)"),
     (r"Detected an existing checkpoint in .*, overwriting since self.overwrite=True",
      "last.ckpt is rewritten on purpose"),
 )

@@ -3,9 +3,9 @@
 Order (torchtitan's): activation checkpointing, then ``torch.compile``, then FSDP2
 (``fully_shard``) per decoder layer, trainable encoders and the speech generator's layers as
 units, then the root (embeddings, final norm, lm_head and the small projectors); frozen
-encoders are replicated. The model file knows nothing of any of this, except that the stages
-ask it for a uniform autograd graph when sharded (``LyraModel.forward(uniform_graph=True)``):
-ranks with different modalities must still reduce the same gradients.
+encoders are replicated. Before sharding it installs the uniform-graph hooks
+(:mod:`lyra_pl.training.uniform_graph`): ranks with different modalities must still reduce the
+same gradients. The model file knows nothing of any of this.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from contextlib import contextmanager
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
+
+from lyra_pl.model.loading import is_sharded
+from lyra_pl.training import uniform_graph
 
 
 def parallelize(
@@ -56,8 +59,6 @@ def parallelize(
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     kwargs = dict(mesh=mesh, mp_policy=mp)
-    for layer in llm.layers:
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
     # Units must be modules whose forward is what runs (FSDP2 gathers in forward hooks): the
     # ViT and the Whisper encoder as single units, the speech generator's layers one by one.
     # An encoder runs only for batches with its modality, and ranks' batches differ: a sharded
@@ -66,8 +67,10 @@ def parallelize(
     # dtype). A trainable encoder is sharded and every rank's batches must then use it.
     encoders = [model.visual, model.audio_encoder.whisper]
     frozen = [e for e in encoders if not any(p.requires_grad for p in e.parameters())]
-    units = [e for e in encoders if e not in frozen] + list(model.speech_generator.layers)
-    for unit in units:
+    trainable = [e for e in encoders if e not in frozen]
+    layers = [*llm.layers, *model.speech_generator.layers]
+    uniform_graph.install(model, layers, trainable)  # before fully_shard: see there
+    for unit in [*llm.layers, *trainable, *model.speech_generator.layers]:
         fully_shard(unit, reshard_after_forward=reshard_after_forward, **kwargs)
     ignored = {p for e in frozen for p in e.parameters()}
     if param_dtype is not None:
@@ -112,7 +115,7 @@ def parameter_share(model: nn.Module) -> tuple[int, int, int]:
     first is about the second / ranks, the third is the replicated frozen encoders."""
     held = sharded = whole = 0
     for p in model.parameters():
-        if hasattr(p, "to_local"):
+        if is_sharded(p):
             held += p.to_local().numel()
             sharded += p.numel()
         else:

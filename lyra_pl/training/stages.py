@@ -43,6 +43,12 @@ into its freshly built model before choosing what trains. Lightning's own checkp
 30 s window, ``long_speech`` for longer speech when that adapter exists, ``sound`` for sound.
 Text and image batches run the base model. A stage warns once when a training batch with speech
 does not reach the speech adapter it trains (short clips in stage 3).
+
+**A batch that uses nothing trainable** (a text batch in a LoRA stage) has a loss without a
+graph: on one process its step has no backward and moves no weight (AdamW skips parameters
+without a gradient, as it does for any part a batch leaves unused). Under FSDP2 every rank's
+graph holds every trainable parameter instead, unused ones with zero gradients
+(:mod:`lyra_pl.training.uniform_graph`), so that all ranks reduce the same gradients.
 """
 from __future__ import annotations
 
@@ -304,9 +310,7 @@ class LyraStage(L.LightningModule):
     # ------------------------------------------------------------------ steps
     def forward(self, batch: LyraInputs | dict) -> LyraOutput:
         inputs, units, unit_lengths = split_batch(batch)
-        # Sharded: every rank must reduce the same gradients whatever its batch holds.
-        return self._require_model()(inputs, units=units, unit_lengths=unit_lengths,
-                                     uniform_graph=self.device_mesh is not None)
+        return self._require_model()(inputs, units=units, unit_lengths=unit_lengths)
 
     def compute_loss(self, out: LyraOutput) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The loss to optimize and the metrics to log with it (names without prefix)."""
@@ -322,7 +326,8 @@ class LyraStage(L.LightningModule):
         metrics.update(token_metrics(out))
         return loss, out, metrics
 
-    def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:
+        """The step's loss; None (Lightning skips the backward) when nothing trainable ran."""
         loss, out, metrics = self._step(batch)
         size = split_batch(batch)[0].batch_size
         # kept for EdgeStepLogs, which logs the first and last step whatever the interval
@@ -335,18 +340,17 @@ class LyraStage(L.LightningModule):
                              + (" or unit targets" if isinstance(self, SpeechGenStage) else "")
                              + ")")
         self._check_adapter_used(split_batch(batch)[0], out)
-        if not loss.requires_grad:
-            # Nothing trainable ran (e.g. a text-only batch in a LoRA stage, which MLoRA sends
-            # through the base model). A zero-weighted term keeps backward and every rank's
-            # gradient collectives uniform; the optimizer sees zero gradients.
-            # (The local shard under FSDP2: a DTensor cannot be added to a plain tensor.)
-            loss = loss + sum((p.to_local() if hasattr(p, "to_local") else p).sum()
-                              for p in self.trainable_parameters()) * 0.0
         if self._trainer is not None and self.trainer.optimizers:
             lr = self.trainer.optimizers[0].param_groups[0]["lr"]
             self.step_metrics["train/lr"] = lr
             self.log("train/lr", lr, batch_size=size, on_step=True, on_epoch=False,
                      prog_bar=True)
+        if not loss.requires_grad:
+            # Nothing trainable ran (one process: e.g. a text-only batch in a LoRA stage, which
+            # MLoRA sends through the base model): no backward; the optimizer step finds no
+            # gradient and moves nothing. Sharded, the uniform-graph hooks put every trainable
+            # parameter in the graph, so this does not happen there.
+            return None
         return loss
 
     def on_validation_epoch_start(self) -> None:
