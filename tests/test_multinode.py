@@ -21,7 +21,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIR = ("joint_train_244", "joint_train_427")  # q_color0_en-gb.wav; "purple" / "red"
+PAIR = ("joint_train_564", "joint_train_317")  # q_color0_en-gb.wav; "purple" / "red"
 STEPS = 3
 TIMEOUT = 420
 
@@ -56,12 +56,6 @@ class RankLosses(L.Callback):
             json.dump({"losses": self.losses, "world_size": trainer.world_size,
                        "node_rank": trainer.node_rank, "num_nodes": trainer.num_nodes}, f)
 '''
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_inputs(root: Path) -> dict[str, str]:

@@ -56,7 +56,7 @@ class CorpusSizes:
     asr: tuple[int, int] = (110, 22)  # stage 1 samples, one clip each
     images: tuple[int, int] = (600, 30)  # stage 2 images, each asked its color, shape, word
     word_fraction: float = 1.0  # of the images with a printed word (others: no word question)
-    sound_variants: tuple[int, int] = (8, 2)  # renderings of each of the 6 sound events
+    sound_variants: tuple[int, int] = (32, 2)  # renderings of each of the 6 sound events
     long: tuple[int, int] = (2, 1)  # stage 3 recordings, two questions each
     long_seconds: tuple[float, float] = (60.5, 61.0)  # range of a recording's target length
     qa: tuple[int, int] = (150, 30)  # stage 4 samples
