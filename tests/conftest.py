@@ -24,6 +24,15 @@ def device(request):
     return torch.device(request.param)
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's server or rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (0 when both are zero)."""
     a, b = a.double(), b.double()

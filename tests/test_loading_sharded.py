@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from transformers import Qwen2VLForConditionalGeneration, WhisperForConditionalG
 
 from lyra_pl.model import LyraConfig, LyraModel
 from lyra_pl.model.loading import full_tensor, load_qwen2vl, load_whisper
+from conftest import free_port
 
 pytestmark = pytest.mark.skipif(not Path("/proc/thread-self/io").exists(),
                                 reason="needs Linux's per-thread I/O accounting")
@@ -102,17 +102,11 @@ def _worker(rank: int, port: int, qwen: str, whisper: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_each_rank_reads_its_slices_and_loads_the_one_process_weights(tmp_path):
     cfg = LyraConfig.from_preset("tiny")
     qwen, whisper = _hub_checkpoints(tmp_path, cfg)
     overhead = _overhead(qwen) + _overhead(whisper)
-    mp.spawn(_worker, args=(_free_port(), str(qwen), str(whisper), str(tmp_path)), nprocs=2,
+    mp.spawn(_worker, args=(free_port(), str(qwen), str(whisper), str(tmp_path)), nprocs=2,
              join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 

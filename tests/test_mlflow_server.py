@@ -10,7 +10,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 180  # seconds; measured 15-25 s on the 2-core development VM
 STEPS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -4,7 +4,6 @@ built on the meta device, sharded and materialized starts by the single-process 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from lyra_pl import LyraConfig, LyraInputs, LyraModel
 from lyra_pl.model.assemble import IGNORE
 from lyra_pl.model.audio import AudioBatch
 from lyra_pl.training.parallelize import parallelize, parameter_share
+from conftest import free_port
 
 IMG, SPEECH = 500, 502
 
@@ -125,25 +125,19 @@ def _init_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_fsdp2_two_processes_match_one(checkpointing):
-    mp.spawn(_worker, args=(_free_port(), checkpointing), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), checkpointing), nprocs=2, join=True)
 
 
 def test_fsdp2_with_compiled_layers_matches_one():
     """Every decoder layer compiled (fullgraph) and sharded, LMME pruning between them: the
     single-process eager loss, keep sets and gradients."""
-    mp.spawn(_worker, args=(_free_port(), False, False, True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), False, False, True), nprocs=2, join=True)
 
 
 def test_sharded_materialize_follows_the_init_rule():
-    mp.spawn(_init_worker, args=(_free_port(),), nprocs=2, join=True)
+    mp.spawn(_init_worker, args=(free_port(),), nprocs=2, join=True)
 
 
 def _saved_bytes(model) -> int:
@@ -171,4 +165,4 @@ def test_no_mesh_is_single_process_and_checkpointing_saves_memory():
 def test_hybrid_sharding_two_processes_match_one():
     """The 2-D ("replicate", "shard") mesh of hybrid sharding gives the same loss and gradients
     (replicas average their gradients)."""
-    mp.spawn(_worker, args=(_free_port(), False, True), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), False, True), nprocs=2, join=True)

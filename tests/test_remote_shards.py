@@ -5,7 +5,6 @@ once naming its URL, and a stage trains on the served shards."""
 from __future__ import annotations
 
 import importlib.util
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ import pytest
 from lyra_pl.data.datamodule import LyraDataModule, resolve_path
 from lyra_pl.data.shards import MANIFEST, file_sha256, manifest_source_sha256, read_manifest
 from lyra_pl.training.stages import SpeechAlignStage
+from conftest import free_port
 
 N = 13  # shards of 4: the last one short
 
@@ -28,12 +28,6 @@ def dataset(tmp_path_factory, color_dataset) -> dict[str, Path]:
     """13 samples (image + question, every other one spoken) in shards of 4, as in
     test_datamodule.py."""
     return color_dataset(tmp_path_factory.mktemp("remote"), N, samples_per_shard=4)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from lyra_pl.model.assemble import IGNORE
 from lyra_pl.model.audio import AudioBatch
 from lyra_pl.training.parallelize import parallelize
 
-from test_parallelize import _free_port
+from conftest import free_port
 
 SPEECH, SOUND = 502, 503
 STEPS = 3
@@ -141,7 +141,7 @@ def _worker(rank: int, port: int, kinds: tuple[str, str], out_dir: str,
                          ids=["speech|text", "sound|speech", "speech|text-compiled"])
 def test_ranks_with_different_modalities_train_as_one_process(kinds, compile, tmp_path):
     """Compiled: the decoder layers ``torch.compile``d (fullgraph) with their hooks."""
-    mp.spawn(_worker, args=(_free_port(), kinds, str(tmp_path), compile), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), kinds, str(tmp_path), compile), nprocs=2, join=True)
     calls = [torch.load(tmp_path / f"rank{r}.pt")["calls"] for r in (0, 1)]
     if kinds[1] == "text":  # the text rank ran no LoRA matmul of any adapter, in any step
         assert calls[1] == {"speech": 0, "sound": 0}, calls
