@@ -58,7 +58,8 @@ def expected_counts(c: LyraConfig) -> dict[str, int]:
     audio = conv + positions + c.audio_layers * wlayer + 2 * d
     speech_projector = linear(d * c.speech_downsample, c.speech_projector_hidden) \
         + linear(c.speech_projector_hidden, h)
-    sound_projector = linear(d, c.sound_projector_hidden) + linear(c.sound_projector_hidden, h)
+    sound_projector = (2 * d  # LayerNorm over the encoder's features
+                       + linear(d, c.sound_projector_hidden) + linear(c.sound_projector_hidden, h))
     g = c.generator_hidden
     generator = (linear(h, g)  # input_proj
                  + c.generator_layers * qwen2_layer(g, c.generator_heads, c.generator_kv_heads,

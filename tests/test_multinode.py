@@ -98,6 +98,7 @@ def fit_args(inputs: dict[str, str], run: Path, batch_size: int) -> list[str]:
         "--data.predict_source=null",
         f"--data.batch_size={batch_size}", "--data.num_workers=0",
         "--trainer.limit_val_batches=0", f"--trainer.max_steps={STEPS}",
+        "--trainer.max_epochs=-1",  # one sample a rank: the config's epochs would end it first
         "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run}",
         "--trainer.callbacks+=multinode_losses.RankLosses",
