@@ -12,7 +12,7 @@ TORCH_LIBRARY(lyra, m) {
       "int bandwidth) -> Tensor");
   m.def(
       "context_scores(Tensor q, Tensor k, Tensor query_mask, Tensor key_mask, bool causal, "
-      "float? scale) -> Tensor");
+      "float? scale, Tensor? query_positions=None) -> Tensor");
   m.def(
       "select_tokens(Tensor scores, Tensor context_mask, Tensor key_mask, float keep_ratio, "
       "int min_keep) -> Tensor");

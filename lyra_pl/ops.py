@@ -193,8 +193,8 @@ def _scores_dtype(q: Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("lyra::context_scores")
-def _(q, k, query_mask, key_mask, causal, scale):
-    return q.new_empty(q.shape[0], q.shape[2], dtype=_scores_dtype(q))
+def _(q, k, query_mask, key_mask, causal, scale, query_positions=None):
+    return q.new_empty(q.shape[0], k.shape[2], dtype=_scores_dtype(q))
 
 
 @torch.library.register_fake("lyra::select_tokens")
@@ -207,7 +207,11 @@ def _(q, k, query_mask, context_mask, key_mask, keep_ratio, min_keep, causal, sc
     return key_mask.new_empty(q.shape[0], q.shape[2], dtype=torch.bool)
 
 
-def _check_qk(q: Tensor, k: Tensor, **masks: Tensor) -> None:
+def _check_qk(
+    q: Tensor, k: Tensor, query_mask: Tensor, query_positions: Tensor | None = None, **masks: Tensor
+) -> None:
+    """q (B, Hq, Nq, dh) and k (B, Hkv, N, dh) with Nq == N unless ``query_positions`` place
+    q's rows among the keys; query_mask (B, Nq); the other masks (B, N)."""
     _check_float(q, "q")
     _check_float(k, "k")
     if q.dim() != 4 or k.dim() != 4:
@@ -217,11 +221,14 @@ def _check_qk(q: Tensor, k: Tensor, **masks: Tensor) -> None:
         )
     if q.dtype != k.dtype:
         raise TypeError(f"k has dtype {k.dtype} but q has {q.dtype}; they must match")
-    B, Hq, N, dh = q.shape
-    if (k.shape[0], k.shape[2], k.shape[3]) != (B, N, dh):
+    B, Hq, Nq, dh = q.shape
+    N = k.shape[2]
+    if query_positions is None and (k.shape[0], k.shape[2], k.shape[3]) != (B, Nq, dh):
         raise ValueError(
             f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, tokens and head_dim"
         )
+    if query_positions is not None and (k.shape[0], k.shape[3]) != (B, dh):
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim")
     if Hq < 1 or k.shape[1] < 1:
         raise ValueError(f"q and k need at least one head each, got Hq={Hq}, Hkv={k.shape[1]}")
     if Hq % k.shape[1] != 0:
@@ -230,7 +237,18 @@ def _check_qk(q: Tensor, k: Tensor, **masks: Tensor) -> None:
             f"({k.shape[1]})"
         )
     _check_same_device("q", q, k=k)
+    _check_masks("q", q, (B, Nq), query_mask=query_mask)
     _check_masks("q", q, (B, N), **masks)
+    if query_positions is not None:
+        _check_tensor(query_positions, "query_positions")
+        if query_positions.dtype != torch.int64:
+            raise TypeError(f"query_positions must be an int64 tensor, got {query_positions.dtype}")
+        if tuple(query_positions.shape) != (B, Nq):
+            raise ValueError(
+                f"query_positions must have shape (B, Nq) = {(B, Nq)}, got "
+                f"{tuple(query_positions.shape)}"
+            )
+        _check_same_device("q", q, query_positions=query_positions)
 
 
 def _check_masks(ref_name: str, ref: Tensor, shape: tuple, **masks: Tensor) -> None:
@@ -258,24 +276,32 @@ def context_scores(
     key_mask: Tensor,
     causal: bool = True,
     scale: float | None = None,
+    query_positions: Tensor | None = None,
 ) -> Tensor:
     """Attention probability each token receives from the instruction tokens, averaged over
     the query heads and the instruction rows (docs/method.md, LMME), without materializing the
     attention matrix.
 
     Args:
-        q: (B, Hq, N, head_dim) post-RoPE queries; k: (B, Hkv, N, head_dim) keys, Hq a multiple
+        q: (B, Hq, Nq, head_dim) post-RoPE queries; k: (B, Hkv, N, head_dim) keys, Hq a multiple
             of Hkv (GQA, no copy). The head dimension must be contiguous for a zero-copy call.
-        query_mask: (B, N) bool, the instruction rows. key_mask: (B, N) bool, valid tokens.
-        causal: row i attends only to keys j <= i.
+        query_mask: (B, Nq) bool, the instruction rows. key_mask: (B, N) bool, valid tokens.
+        causal: a query row at key position p attends only to keys j <= p.
         scale: logit scale, default ``head_dim ** -0.5``.
+        query_positions: None, and then Nq == N and row i of q sits at key position i; or a
+            (B, Nq) int64 tensor on q's device with each row's position among the N keys, for
+            scoring all keys from only some query rows (context parallelism: a rank's own rows
+            against every rank's keys). Over the rows where ``query_mask`` is True it must be
+            strictly ascending within [0, N) per sample (else ValueError); other rows are
+            ignored. With the rows of q split into groups, the scores of the whole are the
+            groups' scores weighted by their per-sample row counts.
 
     Returns:
         (B, N) float32 scores (float64 for float64 inputs); zero for invalid keys, and for every
         key of a sample without instruction rows.
     """
-    _check_qk(q, k, query_mask=query_mask, key_mask=key_mask)
-    return torch.ops.lyra.context_scores(q, k, query_mask, key_mask, causal, scale)
+    _check_qk(q, k, query_mask, query_positions, key_mask=key_mask)
+    return torch.ops.lyra.context_scores(q, k, query_mask, key_mask, causal, scale, query_positions)
 
 
 def select_tokens(
@@ -320,7 +346,7 @@ def prune_tokens(
     scale: float | None = None,
 ) -> Tensor:
     """``select_tokens(context_scores(q, k, ...), ...)`` in one op: the extractor's step."""
-    _check_qk(q, k, query_mask=query_mask, context_mask=context_mask, key_mask=key_mask)
+    _check_qk(q, k, query_mask, context_mask=context_mask, key_mask=key_mask)
     _check_keep(keep_ratio, min_keep)
     return torch.ops.lyra.prune_tokens(
         q, k, query_mask, context_mask, key_mask, float(keep_ratio), min_keep, causal, scale

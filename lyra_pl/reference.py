@@ -130,22 +130,26 @@ def context_scores(
     key_mask: Tensor,
     causal: bool = True,
     scale: float | None = None,
+    query_positions: Tensor | None = None,
 ) -> Tensor:
     """The naive path: repeat the kv heads, materialize every instruction row's softmax over
-    all tokens, average. Memory grows as B * Hq * T * N."""
-    B, Hq, N, dh = q.shape
+    all tokens, average. Memory grows as B * Hq * T * N. Row i of q sits at key position
+    ``query_positions[:, i]`` (i when None); positions are not checked here."""
+    B, Hq, Nq, dh = q.shape
+    N = k.shape[2]
     scale = dh**-0.5 if scale is None else scale
     out_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     k = k.repeat_interleave(Hq // k.shape[1], dim=1).to(out_dtype)
     counts = query_mask.sum(1)
-    T = int(counts.max()) if q.numel() else 0
+    T = int(counts.max()) if query_mask.numel() else 0
     rows = torch.sort((~query_mask).to(torch.uint8), dim=1, stable=True).indices[:, :T]  # (B, T)
     row_valid = torch.arange(T, device=q.device) < counts[:, None]  # (B, T)
+    pos = rows if query_positions is None else torch.gather(query_positions, 1, rows)  # (B, T)
     qr = torch.gather(q.to(out_dtype), 2, rows[:, None, :, None].expand(B, Hq, T, dh))
     logits = torch.einsum("bhtd,bhnd->bhtn", qr, k) * scale
     allowed = key_mask[:, None, :].expand(B, T, N)
     if causal:
-        allowed = allowed & (torch.arange(N, device=q.device) <= rows[:, :, None])
+        allowed = allowed & (torch.arange(N, device=q.device) <= pos[:, :, None])
     logits = logits.masked_fill(~allowed[:, None], float("-inf"))
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing give 0
     probs = probs * row_valid[:, None, :, None]

@@ -109,6 +109,128 @@ def test_empty_batch(device):
     assert ops.prune_tokens(q[:0], k[:0], query[:0], context[:0], key[:0], 0.5).shape == (0, 20)
 
 
+# ----------------------------------------------------------------------------- query positions
+HEADS = [(1, 1), (4, 2), (7, 7), (6, 2)]  # (Hq, Hkv)
+
+
+def positioned_inputs(seed, device="cpu"):
+    """Float64 q rows at random ascending positions (random gaps) among N keys, random shapes:
+    B 1..3, Nq below, equal to or above N (the extra rows masked off), rows and keys masked off
+    at random, garbage positions (out of range, repeated) on the masked-off rows. With B > 1,
+    sample 1 has no query rows; with B = 3, sample 2's rows see no valid key when causal."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (), generator=g))
+
+    B, (Hq, Hkv), dh = randint(1, 3), HEADS[randint(0, 3)], (8, 16, 40)[randint(0, 2)]
+    N = randint(1, 200)
+    Nq = [randint(1, N), N, N + randint(1, 10)][seed % 3]  # q rows below, equal to, above N
+    q = torch.randn(B, Hq, Nq, dh, generator=g, dtype=torch.float64) * 2
+    k = torch.randn(B, Hkv, N, dh, generator=g, dtype=torch.float64) * 2
+    key = torch.rand(B, N, generator=g) < 0.85
+    query = torch.zeros(B, Nq, dtype=torch.bool)
+    positions = torch.randint(-N, 2 * N, (B, Nq), generator=g)
+    for b in range(B):
+        T = 0 if b == 1 else randint(1, min(N, Nq))
+        rows = torch.randperm(Nq, generator=g)[:T].sort().values
+        query[b, rows] = True
+        positions[b, rows] = torch.randperm(N, generator=g)[:T].sort().values
+        if b == 2:
+            key[b, : int(positions[b, rows[-1]]) + 1] = False
+    return q.to(device), k.to(device), query.to(device), key.to(device), positions.to(device)
+
+
+@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("causal", [True, False])
+def test_context_scores_at_positions_float64(device, seed, causal):
+    q, k, query, key, positions = positioned_inputs(seed, device)
+    out = ops.context_scores(q, k, query, key, causal, query_positions=positions)
+    ref = reference.context_scores(q, k, query, key, causal, query_positions=positions)
+    assert out.dtype == torch.float64 and out.shape == key.shape
+    assert rel_err(out, ref) < 1e-10
+    assert not out[~key].any()  # padding gets exactly zero
+    assert not out[query.sum(1) == 0].any()  # so does a sample without query rows
+    if causal and len(key) == 3:
+        assert not out[2].any()  # sample 2's rows see no valid key
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("causal", [True, False])
+def test_context_scores_at_positions_float32(device, seed, causal):
+    q, k, query, key, positions = positioned_inputs(100 + seed, device)
+    q, k = q.float(), k.float()
+    out = ops.context_scores(q, k, query, key, causal, query_positions=positions)
+    ref = reference.context_scores(q.double(), k.double(), query, key, causal,
+                                   query_positions=positions)
+    assert out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-4
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_own_rows_at_their_positions_equal_all_rows(device, case, causal):
+    """q cut down to some positions that cover every query row, with those positions passed,
+    scores exactly like the whole q (the ops' and the reference's positioned paths alike)."""
+    q, k, query, _, key = attention_inputs(*case, device=device, seed=11 + sum(case))
+    B, N = key.shape
+    extra = torch.rand(N, generator=torch.Generator().manual_seed(N)) < 0.3
+    rows = (query.any(0).cpu() | extra).nonzero().squeeze(1).to(device)
+    positions = rows.expand(B, -1)  # stride 0 over the batch: no copy needed
+    whole = ops.context_scores(q, k, query, key, causal)
+    for impl in (ops, reference):
+        own = impl.context_scores(q[:, :, rows], k, query[:, rows], key, causal,
+                                  query_positions=positions)
+        torch.testing.assert_close(own, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+@pytest.mark.parametrize("layout", ["contiguous", "balanced"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_rank_scores_weighted_by_rows_sum_to_the_whole(device, ranks, layout, causal):
+    """Context parallelism: each rank scores all N keys from its own query rows; the ranks'
+    scores weighted by their per-sample row counts add up to the whole batch's scores."""
+    q, k, query, _, key = attention_inputs(3, 6, 2, 130, 16, device=device, seed=ranks)
+    query[1] = False  # a sample without query rows anywhere
+    B, N = key.shape
+    if layout == "contiguous":  # rank r holds positions [r N / R, (r + 1) N / R)
+        groups = torch.arange(N, device=device).tensor_split(ranks)
+    else:  # load-balanced causal layout: rank r holds chunks r and 2R - 1 - r of 2R
+        chunks = torch.arange(N, device=device).tensor_split(2 * ranks)
+        groups = [torch.cat([chunks[r], chunks[2 * ranks - 1 - r]]) for r in range(ranks)]
+    total = torch.zeros(B, N, dtype=torch.float64, device=device)
+    for rows in groups:
+        own_query = query[:, rows]
+        scores = ops.context_scores(q[:, :, rows], k, own_query, key, causal,
+                                    query_positions=rows.expand(B, -1))
+        total += scores * own_query.sum(1, keepdim=True)
+    count = query.sum(1, keepdim=True)
+    combined = torch.where(count > 0, total / count.clamp(min=1), 0.0)
+    whole = ops.context_scores(q, k, query, key, causal)
+    torch.testing.assert_close(combined, whole, rtol=0, atol=1e-12)
+
+
+def test_context_scores_at_positions_edge_cases(device):
+    q, k, query, key, positions = positioned_inputs(3, device)
+    B, N = key.shape
+    # No query rows at all (Nq = 0): all zeros.
+    none = ops.context_scores(q[:, :, :0], k, query[:, :0], key, query_positions=positions[:, :0])
+    assert none.shape == (B, N) and not none.any()
+    # A sample whose keys are all masked off: its rows see nothing, causal or not.
+    key[0] = False
+    for causal in (True, False):
+        out = ops.context_scores(q, k, query, key, causal, query_positions=positions)
+        ref = reference.context_scores(q, k, query, key, causal, query_positions=positions)
+        assert not out[0].any()
+        assert rel_err(out, ref) < 1e-10
+    # No keys (N = 0): fine while every row is masked off, an error otherwise.
+    empty = ops.context_scores(q, k[:, :, :0], torch.zeros_like(query), key[:, :0],
+                               query_positions=positions)
+    assert empty.shape == (B, 0)
+    with pytest.raises(ValueError, match=r"outside \[0, 0\)"):
+        ops.context_scores(q, k[:, :, :0], query, key[:, :0], query_positions=positions)
+
+
 def untied_scores(B, N, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(B, N, generator=g, dtype=torch.float64).to(device)
@@ -224,6 +346,14 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.lyra.prune_tokens.default, (q, k, query, context, key, 0.5, 4, True, None)
     )
+    rows = torch.arange(1, 70, 3, device=device)  # a rank's own rows, at their positions
+    positions = rows.expand(2, -1).contiguous()
+    own = (q[:, :, rows], k, query[:, rows], key)
+    torch.library.opcheck(torch.ops.lyra.context_scores.default, (*own, True, None, positions))
+    torch.library.opcheck(
+        torch.ops.lyra.context_scores.default,
+        (own[0].float(), k.float(), own[2], key, False, 0.5, positions),
+    )
 
 
 def test_torch_compile_fullgraph():
@@ -297,8 +427,64 @@ def test_errors_name_the_problem():
         ops.compact(key, torch.zeros(2, 7))
 
 
+def test_query_positions_errors():
+    q, k, query, _, key = attention_inputs(2, 4, 2, 64, 8)
+    positions = torch.arange(64).expand(2, -1).clone()
+    positions[~query] = -7  # masked-off rows: ignored whatever their value
+    ops.context_scores(q, k, query, key, query_positions=positions)
+    last = int(query[0].nonzero()[-1])
+    beyond = positions.clone()
+    beyond[0, last] = 70
+    below = positions.clone()
+    below[1, int(query[1].nonzero()[0])] = -1
+    repeated = positions.clone()
+    second = query[1].nonzero()[1]
+    repeated[1, second] = repeated[1, query[1].nonzero()[0]]
+
+    def both(*args):  # the typed wrapper and the op itself
+        yield lambda: ops.context_scores(*args[:4], query_positions=args[4])
+        yield lambda: torch.ops.lyra.context_scores(*args[:4], True, None, args[4])
+
+    cases = [
+        (beyond, r"^query_positions: sample 0 has position 70 \(query row \d+\) outside \[0, 64\)$"),
+        (below, r"^query_positions: sample 1 has position -1 \(query row \d+\) outside \[0, 64\)$"),
+        (repeated, r"^query_positions: sample 1 is not strictly ascending over its query rows"),
+    ]
+    for bad, message in cases:
+        for call in both(q, k, query, key, bad):
+            with pytest.raises(ValueError, match=message) as info:
+                call()
+            assert "\n" not in str(info.value)
+    for call in both(q, k, query, key, positions.int()):
+        with pytest.raises(TypeError, match="query_positions must be an int64 tensor"):
+            call()
+    for call in both(q, k, query, key, positions[:, :63]):
+        with pytest.raises(ValueError, match="query_positions"):
+            call()
+    with pytest.raises(ValueError, match=r"query_positions must have shape \(B, Nq\) = \(2, 64\)"):
+        ops.context_scores(q, k, query, key, query_positions=positions[:1])
+    with pytest.raises(TypeError, match="query_positions must be a torch.Tensor"):
+        ops.context_scores(q, k, query, key, query_positions=[0, 1])
+    # Nq != N needs positions; with them, query_mask follows q and key_mask follows k.
+    with pytest.raises(ValueError, match="must match q .* in batch, tokens and head_dim"):
+        ops.context_scores(q[:, :, :10], k, query[:, :10], key)
+    with pytest.raises(ValueError, match=r"k.shape\[2\] \(tokens\) must be 10"):
+        torch.ops.lyra.context_scores(q[:, :, :10], k, query[:, :10], key, True, None)
+    with pytest.raises(ValueError, match=r"query_mask must have shape \(2, 10\)"):
+        ops.context_scores(q[:, :, :10], k, query, key, query_positions=positions[:, :10])
+    with pytest.raises(ValueError, match="must match q .* in batch and head_dim"):
+        ops.context_scores(q[:, :, :10], k[..., :4], query[:, :10], key,
+                           query_positions=positions[:, :10])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_mixed_devices_rejected():
     q, k, query, context, key = attention_inputs(2, 4, 2, 20, 8)
     with pytest.raises(ValueError, match="is on cpu but q is on cuda"):
         ops.context_scores(q.cuda(), k.cuda(), query, key.cuda())
+    positions = torch.arange(20).expand(2, -1)
+    with pytest.raises(ValueError, match="query_positions is on cpu but q is on cuda"):
+        ops.context_scores(q.cuda(), k.cuda(), query.cuda(), key.cuda(), query_positions=positions)
+    with pytest.raises(ValueError, match="query_positions is on cpu but q is on cuda"):
+        torch.ops.lyra.context_scores(q.cuda(), k.cuda(), query.cuda(), key.cuda(), True, None,
+                                      positions)

@@ -1,10 +1,14 @@
 // Attention-score token pruning kernels: the torch-free API shared by the CPU and CUDA backends.
 //
 // context_scores: for each sample b and key j,
-//   scores[b, j] = 1 / (Hq * T_b) * sum_h sum_{i in queries(b)} softmax_{j'}(scale * q[b,h,i] . k[b,h/G,j'])[j]
+//   scores[b, j] = 1 / (Hq * T_b) * sum_h sum_{t < T_b} softmax_{j'}(scale * q[b,h,index_t] . k[b,h/G,j'])[j]
 // with G = Hq / Hkv (GQA: query head h reads kv head h / G), the softmax over the valid keys
-// (key_mask) and, when causal, only keys j' <= i. A query row with no valid key adds nothing;
-// a sample with no query rows gets all-zero scores; invalid keys get zero.
+// (key_mask) and, when causal, only keys j' <= pos_t. Query row t of sample b is read from q at
+// row index_t = query_index[b, t] and sits at key position pos_t = query_pos[b, t]: the same
+// array when q holds a row for every key (row i at position i), and different when q holds
+// only some rows (context parallelism: a rank's own rows scoring every rank's keys). A query
+// row with no valid key adds nothing; a sample with no query rows gets all-zero scores;
+// invalid keys get zero.
 // Computed in two tiled passes (row log-sum-exp, then column sums of the probabilities), so
 // neither the T x N nor the N x N matrix is ever materialized.
 //
@@ -22,15 +26,18 @@
 namespace lyra {
 
 // Element (b, h, n, d) of q is q[b*q_sb + h*q_sh + n*q_sn + d] (the head dim is contiguous);
-// likewise k. query_index: (B, Tmax) positions of the query rows of each sample, ascending,
-// the first query_count[b] entries valid. key_mask: (B, N). scores: (B, N) output.
+// likewise k, whose n runs over the N keys. query_index: (B, Tmax) row indices into q of each
+// sample's query rows; query_pos: (B, Tmax) their key positions, strictly ascending in [0, N)
+// (may be query_index itself). The first query_count[b] entries of each are valid.
+// key_mask: (B, N). scores: (B, N) output.
 // scalar_t/acc_t: (float, float) or (double, double).
 template <typename scalar_t, typename acc_t>
 void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
                         const scalar_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
-                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
-                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                        int64_t dh, bool causal, double scale, acc_t* scores, int num_threads);
+                        const int64_t* query_index, const int64_t* query_pos,
+                        const int64_t* query_count, int64_t Tmax, const bool* key_mask,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
+                        double scale, acc_t* scores, int num_threads);
 
 // scores, context_mask, key_mask: (B, N); keep: (B, N) output.
 template <typename score_t>
@@ -45,10 +52,10 @@ enum class KernelDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat
 
 int context_scores_cuda(KernelDtype dtype, const void* q, int64_t q_sb, int64_t q_sh,
                         int64_t q_sn, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
-                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
-                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                        int64_t dh, bool causal, double scale, void* scores,
-                        void* workspace, void* stream);
+                        const int64_t* query_index, const int64_t* query_pos,
+                        const int64_t* query_count, int64_t Tmax, const bool* key_mask,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
+                        double scale, void* scores, void* workspace, void* stream);
 
 // Bytes of device workspace context_scores_cuda needs (for the row log-sum-exps).
 int64_t context_scores_cuda_workspace(int64_t B, int64_t Hq, int64_t Tmax);

@@ -67,21 +67,21 @@ void mask_row(acc_t* logits, const bool* valid, int64_t n, int64_t limit) {
   }
 }
 
-// How many keys of the tile starting at j0 the query at `pos` may see.
+// How many keys of the tile starting at j0 the query at key position `pos` may see.
 inline int64_t visible(bool causal, int64_t pos, int64_t j0) {
   return causal ? pos - j0 + 1 : kTile;
 }
 
 // Calls fn(g, t, logits) for every query row t of every head g of one kv-head group that can
 // see a key of the tile [j0, j0 + n), with its masked logits against the tile (kt). The
-// group's scaled query rows are qs[(g * Tmax + t) * dh]; `rows` are their positions, ascending,
-// so with causal masking the rows before j0 are skipped. Rows go through block_dots kRows at a
-// time; a short last block repeats its last row.
+// group's scaled query rows are qs[(g * Tmax + t) * dh]; `pos` are their key positions,
+// ascending, so with causal masking the rows before j0 are skipped. Rows go through
+// block_dots kRows at a time; a short last block repeats its last row.
 template <typename acc_t, typename Fn>
-void for_visible_rows(const acc_t* qs, int64_t Tmax, int64_t G, const int64_t* rows, int64_t T,
+void for_visible_rows(const acc_t* qs, int64_t Tmax, int64_t G, const int64_t* pos, int64_t T,
                       bool causal, int64_t j0, int64_t n, const bool* valid, const acc_t* kt,
                       int64_t dh, acc_t* dots, Fn fn) {
-  const int64_t t0 = causal ? std::lower_bound(rows, rows + T, j0) - rows : 0;
+  const int64_t t0 = causal ? std::lower_bound(pos, pos + T, j0) - pos : 0;
   const int64_t per_head = T - t0, count = G * per_head;
   for (int64_t first = 0; first < count; first += kRows) {
     const acc_t* q[kRows];
@@ -93,13 +93,14 @@ void for_visible_rows(const acc_t* qs, int64_t Tmax, int64_t G, const int64_t* r
     for (int64_t r = 0; r < std::min<int64_t>(kRows, count - first); ++r) {
       const int64_t g = (first + r) / per_head, t = t0 + (first + r) % per_head;
       acc_t* logits = dots + r * kTile;
-      mask_row(logits, valid, n, visible(causal, rows[t], j0));
+      mask_row(logits, valid, n, visible(causal, pos[t], j0));
       fn(g, t, logits);
     }
   }
 }
 
-// Copies the scaled query rows of every sample and head: out[((b*Hq + h)*Tmax + t)*dh + d].
+// Copies the scaled query rows of every sample and head, read from q at their row indices:
+// out[((b*Hq + h)*Tmax + t)*dh + d].
 template <typename scalar_t, typename acc_t>
 void gather_queries(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
                     const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
@@ -120,9 +121,10 @@ void gather_queries(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
 template <typename scalar_t, typename acc_t>
 void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q_sn,
                         const scalar_t* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
-                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
-                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                        int64_t dh, bool causal, double scale, acc_t* scores, int num_threads) {
+                        const int64_t* query_index, const int64_t* query_pos,
+                        const int64_t* query_count, int64_t Tmax, const bool* key_mask,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
+                        double scale, acc_t* scores, int num_threads) {
   const int64_t G = Hq / Hkv;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
   const int64_t n_tiles = (N + kTile - 1) / kTile;
@@ -142,15 +144,15 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < B * Hkv; ++task) {
       const int64_t b = task / Hkv, kvh = task % Hkv, T = query_count[b];
-      const int64_t* rows = query_index + b * Tmax;
+      const int64_t* pos = query_pos + b * Tmax;
       if (T == 0) continue;
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
-      const int64_t last_tile = causal ? rows[T - 1] / kTile : n_tiles - 1;
+      const int64_t last_tile = causal ? std::min(pos[T - 1] / kTile, n_tiles - 1) : n_tiles - 1;
       for (int64_t tile = 0; tile <= last_tile; ++tile) {
         const int64_t j0 = tile * kTile, n = std::min(kTile, N - j0);
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
-        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, rows, T, causal, j0,
+        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, pos, T, causal, j0,
                          n, key_mask + b * N + j0, kt.data(), dh, dots.data(),
                          [&](int64_t g, int64_t t, const acc_t* logits) {
           acc_t& mx = row_max[g * T + t];
@@ -185,11 +187,11 @@ void context_scores_cpu(const scalar_t* q, int64_t q_sb, int64_t q_sh, int64_t q
     for (int64_t task = 0; task < B * n_tiles; ++task) {
       const int64_t b = task / n_tiles, j0 = (task % n_tiles) * kTile;
       const int64_t n = std::min(kTile, N - j0), T = query_count[b];
-      const int64_t* rows = query_index + b * Tmax;
+      const int64_t* pos = query_pos + b * Tmax;
       std::fill(col.begin(), col.end(), acc_t(0));
-      for (int64_t kvh = 0; kvh < Hkv && T > 0 && (!causal || rows[T - 1] >= j0); ++kvh) {
+      for (int64_t kvh = 0; kvh < Hkv && T > 0 && (!causal || pos[T - 1] >= j0); ++kvh) {
         load_key_tile(k + b * k_sb + kvh * k_sh, k_sn, j0, n, dh, kt.data());
-        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, rows, T, causal, j0,
+        for_visible_rows(qs.data() + row_of(b, kvh * G, 0) * dh, Tmax, G, pos, T, causal, j0,
                          n, key_mask + b * N + j0, kt.data(), dh, dots.data(),
                          [&](int64_t g, int64_t t, const acc_t* logits) {
           const acc_t l = lse[row_of(b, kvh * G + g, t)];
@@ -264,14 +266,15 @@ void select_tokens_cpu(const score_t* scores, const bool* context_mask, const bo
 
 template void context_scores_cpu<float, float>(const float*, int64_t, int64_t, int64_t,
                                                const float*, int64_t, int64_t, int64_t,
-                                               const int64_t*, const int64_t*, int64_t,
-                                               const bool*, int64_t, int64_t, int64_t, int64_t,
-                                               int64_t, bool, double, float*, int);
+                                               const int64_t*, const int64_t*, const int64_t*,
+                                               int64_t, const bool*, int64_t, int64_t, int64_t,
+                                               int64_t, int64_t, bool, double, float*, int);
 template void context_scores_cpu<double, double>(const double*, int64_t, int64_t, int64_t,
                                                  const double*, int64_t, int64_t, int64_t,
-                                                 const int64_t*, const int64_t*, int64_t,
-                                                 const bool*, int64_t, int64_t, int64_t,
-                                                 int64_t, int64_t, bool, double, double*, int);
+                                                 const int64_t*, const int64_t*,
+                                                 const int64_t*, int64_t, const bool*, int64_t,
+                                                 int64_t, int64_t, int64_t, int64_t, bool, double,
+                                                 double*, int);
 template void select_tokens_cpu<float>(const float*, const bool*, const bool*, int64_t, int64_t,
                                        double, int64_t, bool*, int);
 template void select_tokens_cpu<double>(const double*, const bool*, const bool*, int64_t,

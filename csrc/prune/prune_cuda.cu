@@ -8,8 +8,10 @@
 //                              recomputes the logits and sums exp(logit - lse) per key.
 // Each block owns its outputs, so no atomics. Both passes share tile_logits(): a 64 x 64
 // tile of scale * q . k computed with plain FMAs from 64 x 32 slices of q and k staged in
-// shared memory (converted to float on load, double for fp64 inputs). q rows are read in
-// place at their positions query_index[b, t]; GQA query head h reads kv head h / (Hq / Hkv).
+// shared memory (converted to float on load, double for fp64 inputs). Query row t is read in
+// place from q at row query_index[b, t] and masked causally by its key position
+// query_pos[b, t] (the same array unless q holds only some rows); GQA query head h reads kv
+// head h / (Hq / Hkv).
 //
 // select_tokens finds the k-th largest context score with an MSB-first radix select
 // (8 bits per pass, shared-memory histograms) over an order-preserving unsigned encoding of
@@ -116,7 +118,8 @@ struct ScoreArgs {
   int64_t q_sb, q_sh, q_sn;
   const void* k;
   int64_t k_sb, k_sh, k_sn;
-  const int64_t* query_index;  // (B, Tmax)
+  const int64_t* query_index;  // (B, Tmax) row of q of each query row
+  const int64_t* query_pos;    // (B, Tmax) key position of each query row (causality)
   const int64_t* query_count;  // (B)
   int64_t Tmax;
   const bool* key_mask;  // (B, N)
@@ -131,8 +134,9 @@ __device__ __forceinline__ int64_t query_rows(const ScoreArgs& a, int64_t b) {
   return min(max(a.query_count[b], int64_t(0)), a.Tmax);
 }
 
-// Pass 1: lse[b, h, t] = log sum_j exp(scale * q[b,h,pos_t] . k[b,h/G,j]) over the valid keys
-// of row t, +inf when it has none (so that pass 2 adds exp(-inf) = 0 for it).
+// Pass 1: lse[b, h, t] = log sum_j exp(scale * q[b,h,index_t] . k[b,h/G,j]) over the valid
+// keys of row t (j <= pos_t when causal), +inf when it has none (so that pass 2 adds
+// exp(-inf) = 0 for it).
 template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 2) row_lse_kernel(ScoreArgs a, acc_t* lse) {
   __shared__ TileSmem<acc_t> sm;
@@ -152,9 +156,8 @@ __global__ void __launch_bounds__(kThreads, 2) row_lse_kernel(ScoreArgs a, acc_t
 
   if (tid < kTile) {
     const int64_t t = t0 + tid;
-    const int64_t pos = t < T ? a.query_index[b * a.Tmax + t] : -1;
-    q_pos[tid] = pos;
-    sm.q_off[tid] = t < T ? b * a.q_sb + h * a.q_sh + pos * a.q_sn : -1;
+    q_pos[tid] = t < T ? a.query_pos[b * a.Tmax + t] : -1;
+    sm.q_off[tid] = t < T ? b * a.q_sb + h * a.q_sh + a.query_index[b * a.Tmax + t] * a.q_sn : -1;
   }
   __syncthreads();
   if (tid == 0) {  // last key any row of the tile may see (positions need not be sorted here)
@@ -225,7 +228,7 @@ __global__ void __launch_bounds__(kThreads, 2) row_lse_kernel(ScoreArgs a, acc_t
   }
 }
 
-// Pass 2: scores[b, j] = sum_{h, t} exp(scale * q[b,h,pos_t] . k[b,h/G,j] - lse[b,h,t]) / (Hq T)
+// Pass 2: scores[b, j] = sum_{h, t} exp(scale * q[b,h,index_t] . k[b,h/G,j] - lse[b,h,t]) / (Hq T)
 // over the rows t that may see key j; zero for invalid keys and for samples without rows.
 template <typename in_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -264,11 +267,12 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (tid < kTile) {
         const int64_t t = t0 + tid;
         const int64_t j = j0 + tid;
-        const int64_t pos = t < T ? a.query_index[b * a.Tmax + t] : -1;
+        const int64_t pos = t < T ? a.query_pos[b * a.Tmax + t] : -1;
         const acc_t l = t < T ? lse[(b * a.Hq + h) * a.Tmax + t] : pos_inf<acc_t>();
         q_pos[tid] = pos;
         q_lse[tid] = l;
-        sm.q_off[tid] = t < T ? b * a.q_sb + h * a.q_sh + pos * a.q_sn : -1;
+        sm.q_off[tid] =
+            t < T ? b * a.q_sb + h * a.q_sh + a.query_index[b * a.Tmax + t] * a.q_sn : -1;
         sm.k_off[tid] = j < a.N ? b * a.k_sb + (h / a.group) * a.k_sh + j * a.k_sn : -1;
         sees = t < T && l != pos_inf<acc_t>() && (!a.causal || pos >= j0);
       }
@@ -447,17 +451,18 @@ int64_t context_scores_cuda_workspace(int64_t B, int64_t Hq, int64_t Tmax) {
 
 int context_scores_cuda(KernelDtype dtype, const void* q, int64_t q_sb, int64_t q_sh,
                         int64_t q_sn, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
-                        const int64_t* query_index, const int64_t* query_count, int64_t Tmax,
-                        const bool* key_mask, int64_t B, int64_t Hq, int64_t Hkv, int64_t N,
-                        int64_t dh, bool causal, double scale, void* scores,
-                        void* workspace, void* stream) {
+                        const int64_t* query_index, const int64_t* query_pos,
+                        const int64_t* query_count, int64_t Tmax, const bool* key_mask,
+                        int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
+                        double scale, void* scores, void* workspace, void* stream) {
   // The kernels slice the head dim, so any dh works; 256 is the largest used by our models.
   if (B < 0 || Tmax < 0 || N < 0 || Hq <= 0 || Hkv <= 0 || Hq % Hkv != 0 || dh <= 0 ||
       dh > INT_MAX)
     return cudaErrorInvalidValue;
   if (B == 0 || N == 0) return cudaSuccess;
-  const ScoreArgs a{q,           q_sb,       q_sh, q_sn, k,       k_sb, k_sh,
-                    k_sn,        query_index, query_count, Tmax, key_mask, Hq, Hq / Hkv,
+  const ScoreArgs a{q,           q_sb,        q_sh,      q_sn,        k,
+                    k_sb,        k_sh,        k_sn,      query_index, query_pos,
+                    query_count, Tmax,        key_mask,  Hq,          Hq / Hkv,
                     N,           static_cast<int>(dh), causal, scale};
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {

@@ -33,37 +33,94 @@ void check_keep(double keep_ratio, int64_t min_keep) {
   TORCH_CHECK_VALUE(min_keep >= 0, "min_keep must be >= 0, got ", min_keep);
 }
 
-// Positions of each sample's query rows, ascending and left-aligned: (B, Tmax), and counts (B).
-std::pair<at::Tensor, at::Tensor> query_rows(const at::Tensor& query_mask) {
-  const at::Tensor counts = query_mask.sum(1);
-  const int64_t Tmax = query_mask.size(1) == 0 ? 0 : counts.max().item<int64_t>();
-  // A stable sort of "not a query" puts the query positions first, in order.
+// Each sample's query rows, left-aligned: their row indices into q (B, Tmax), their key
+// positions (B, Tmax) and their counts (B).
+struct QueryRows {
+  at::Tensor index, pos, counts;
+};
+
+// The one-line error of the first sample whose query positions break the contract. pos and
+// index: (B, Nq), query rows first; outside: (B, Nq) query rows out of range; not_after:
+// (B, Nq - 1) query rows t + 1 not after row t. Only called on failure, so its host reads
+// cost nothing on the good path.
+[[noreturn]] void bad_positions(const at::Tensor& pos, const at::Tensor& index,
+                                const at::Tensor& outside, const at::Tensor& not_after,
+                                int64_t N) {
+  const at::Tensor bad = outside.any(1).logical_or(not_after.any(1));
+  const int64_t b = bad.to(at::kByte).argmax().item<int64_t>();
+  if (outside[b].any().item<bool>()) {
+    const int64_t t = outside[b].to(at::kByte).argmax().item<int64_t>();
+    TORCH_CHECK_VALUE(false, "query_positions: sample ", b, " has position ",
+                      pos[b][t].item<int64_t>(), " (query row ", index[b][t].item<int64_t>(),
+                      ") outside [0, ", N, ")");
+  }
+  const int64_t t = not_after[b].to(at::kByte).argmax().item<int64_t>() + 1;
+  TORCH_CHECK_VALUE(false, "query_positions: sample ", b,
+                    " is not strictly ascending over its query rows (query row ",
+                    index[b][t].item<int64_t>(), " at position ", pos[b][t].item<int64_t>(),
+                    " follows position ", pos[b][t - 1].item<int64_t>(), ")");
+}
+
+// Without positions, row i of q is at key position i: index and pos are one tensor. With
+// them, pos gathers each query row's position and checks it, all in the one host read that
+// sizes Tmax.
+QueryRows query_rows(const at::Tensor& query_mask, const std::optional<at::Tensor>& positions,
+                     int64_t N) {
+  const int64_t Nq = query_mask.size(1);
+  const at::Tensor counts = query_mask.sum(1).to(at::kLong).contiguous();
+  // A stable sort of "not a query" puts the query rows first, in order.
   const at::Tensor order = std::get<1>(at::sort(query_mask.logical_not().to(at::kByte),
                                                 std::optional<bool>(true), /*dim=*/1,
                                                 /*descending=*/false));
-  return {order.narrow(1, 0, Tmax).contiguous(), counts.to(at::kLong).contiguous()};
+  if (!positions.has_value()) {
+    const int64_t Tmax = Nq == 0 ? 0 : counts.max().item<int64_t>();
+    const at::Tensor index = order.narrow(1, 0, Tmax).contiguous();
+    return {index, index, counts};
+  }
+  const at::Tensor pos = positions->gather(1, order);  // query rows first
+  if (Nq == 0) return {order, pos, counts};
+  const at::Tensor valid = at::arange(Nq, counts.options()).unsqueeze(0) < counts.unsqueeze(1);
+  const at::Tensor outside = valid.logical_and(pos.lt(0).logical_or(pos.ge(N)));
+  const at::Tensor not_after =
+      valid.narrow(1, 1, Nq - 1).logical_and(pos.narrow(1, 1, Nq - 1).le(pos.narrow(1, 0, Nq - 1)));
+  const at::Tensor any_bad = outside.any().logical_or(not_after.any());
+  const at::Tensor summary = at::stack({counts.max(), any_bad.to(at::kLong)}).cpu();
+  if (summary[1].item<int64_t>() != 0) bad_positions(pos, order, outside, not_after, N);
+  const int64_t Tmax = summary[0].item<int64_t>();
+  return {order.narrow(1, 0, Tmax).contiguous(), pos.narrow(1, 0, Tmax).contiguous(), counts};
 }
 
 at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
                           const at::Tensor& query_mask_in, const at::Tensor& key_mask_in,
-                          bool causal, std::optional<double> scale_opt) {
-  check_dim(q_in, 4, "q", "(B, Hq, N, head_dim)");
+                          bool causal, std::optional<double> scale_opt,
+                          const std::optional<at::Tensor>& query_positions) {
+  check_dim(q_in, 4, "q", "(B, Hq, Nq, head_dim)");
   check_dim(k_in, 4, "k", "(B, Hkv, N, head_dim)");
   check_floating(q_in, "q");
   TORCH_CHECK_TYPE(k_in.scalar_type() == q_in.scalar_type(), "k has dtype ", k_in.scalar_type(),
                    " but q has ", q_in.scalar_type(), "; they must match");
   check_same_device(k_in, q_in, "k", "q");
-  const int64_t B = q_in.size(0), Hq = q_in.size(1), N = q_in.size(2), dh = q_in.size(3);
-  const int64_t Hkv = k_in.size(1);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), Nq = q_in.size(2), dh = q_in.size(3);
+  const int64_t Hkv = k_in.size(1), N = k_in.size(2);
   check_size(k_in, 0, B, "k", "batch");
-  check_size(k_in, 2, N, "k", "tokens");
+  // Without positions row i of q is key i, so q and k have the same tokens.
+  if (!query_positions.has_value()) check_size(k_in, 2, Nq, "k", "tokens");
   check_size(k_in, 3, dh, "k", "head_dim");
   TORCH_CHECK_VALUE(Hq >= 1, "q needs at least one head, got Hq = 0");
   TORCH_CHECK_VALUE(Hkv >= 1 && Hq % Hkv == 0, "the number of query heads (", Hq,
                     ") must be a multiple of the number of kv heads (", Hkv, ")");
   TORCH_CHECK_VALUE(dh >= 1, "head_dim must be >= 1");
-  check_mask(query_mask_in, "query_mask", B, N, q_in, "q");
+  check_mask(query_mask_in, "query_mask", B, Nq, q_in, "q");
   check_mask(key_mask_in, "key_mask", B, N, q_in, "q");
+  if (query_positions.has_value()) {
+    const at::Tensor& p = *query_positions;
+    TORCH_CHECK_TYPE(p.scalar_type() == at::kLong, "query_positions must be an int64 tensor, got ",
+                     p.scalar_type());
+    check_dim(p, 2, "query_positions", "(B, Nq)");
+    check_size(p, 0, B, "query_positions", "batch");
+    check_size(p, 1, Nq, "query_positions", "query rows");
+    check_same_device(p, q_in, "query_positions", "q");
+  }
   const double scale = scale_opt.has_value() ? *scale_opt : 1.0 / std::sqrt(double(dh));
   TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a positive number, got ",
                     scale);
@@ -74,9 +131,11 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
   const at::Tensor key_mask = key_mask_in.contiguous();
   const auto out_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scores = at::empty({B, N}, q.options().dtype(out_type));
-  if (B * N == 0) return scores;
-  auto [index, counts] = query_rows(query_mask_in);
-  const int64_t Tmax = index.size(1);
+  if (B == 0) return scores;
+  // Before the N == 0 return, so that positions are checked even when there is no key.
+  const QueryRows rows = query_rows(query_mask_in, query_positions, N);
+  if (N == 0) return scores;
+  const int64_t Tmax = rows.index.size(1);
 
 #ifdef LYRA_CUDA_BUILD
   const c10::cuda::CUDAGuard guard(q.device());
@@ -88,9 +147,9 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
       at::empty({context_scores_cuda_workspace(B, Hq, Tmax)}, q.options().dtype(at::kByte));
   const int err = context_scores_cuda(
       dtype, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0),
-      k.stride(1), k.stride(2), index.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), Tmax,
-      key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal, scale, scores.data_ptr(),
-      workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+      k.stride(1), k.stride(2), rows.index.data_ptr<int64_t>(), rows.pos.data_ptr<int64_t>(),
+      rows.counts.data_ptr<int64_t>(), Tmax, key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal,
+      scale, scores.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "context_scores CUDA kernel failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 #else
@@ -102,9 +161,10 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "context_scores", [&] {
     context_scores_cpu<scalar_t, scalar_t>(
         q.data_ptr<scalar_t>(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr<scalar_t>(),
-        k.stride(0), k.stride(1), k.stride(2), index.data_ptr<int64_t>(),
-        counts.data_ptr<int64_t>(), Tmax, key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal,
-        scale, scores.data_ptr<scalar_t>(), at::get_num_threads());
+        k.stride(0), k.stride(1), k.stride(2), rows.index.data_ptr<int64_t>(),
+        rows.pos.data_ptr<int64_t>(), rows.counts.data_ptr<int64_t>(), Tmax,
+        key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal, scale, scores.data_ptr<scalar_t>(),
+        at::get_num_threads());
   });
 #endif
   return scores;
@@ -148,7 +208,8 @@ at::Tensor prune_tokens(const at::Tensor& q, const at::Tensor& k, const at::Tens
                         std::optional<double> scale) {
   // Check the selection arguments first so a bad keep_ratio fails before the heavy pass.
   check_keep(keep_ratio, min_keep);
-  const at::Tensor scores = context_scores(q, k, query_mask, key_mask, causal, scale);
+  const at::Tensor scores =
+      context_scores(q, k, query_mask, key_mask, causal, scale, /*query_positions=*/std::nullopt);
   return select_tokens(scores, context_mask, key_mask, keep_ratio, min_keep);
 }
 

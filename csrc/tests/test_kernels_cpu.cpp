@@ -105,8 +105,51 @@ void check_soft_dtw(int64_t B, int64_t Lmax, int64_t Smax, int64_t band, std::mt
   expect(grad_err < tol_grad, what, grad_err);
 }
 
+// context_scores of one layout against a direct softmax per query row: q (B, Hq, Nq, dh)
+// contiguous, query row t of sample b read at q row index[b*Tmax + t], at key position
+// pos[b*Tmax + t]. Returns the kernel's scores.
+std::vector<double> check_scores(const std::vector<double>& q, int64_t Nq,
+                                 const std::vector<double>& k, const std::vector<int64_t>& index,
+                                 const std::vector<int64_t>& pos,
+                                 const std::vector<int64_t>& count, int64_t Tmax, const bool* key,
+                                 int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh,
+                                 bool causal, const char* what) {
+  const int64_t G = Hq / Hkv;
+  const double scale = 1.0 / std::sqrt(double(dh));
+  std::vector<double> scores(B * N), ref(B * N, 0.0);
+  lyra::context_scores_cpu<double, double>(q.data(), Hq * Nq * dh, Nq * dh, dh, k.data(),
+                                           Hkv * N * dh, N * dh, dh, index.data(), pos.data(),
+                                           count.data(), Tmax, key, B, Hq, Hkv, N, dh, causal,
+                                           scale, scores.data(), 2);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t h = 0; h < Hq; ++h) {
+      for (int64_t t = 0; t < count[b]; ++t) {
+        const int64_t i = index[b * Tmax + t], p = pos[b * Tmax + t];
+        std::vector<double> logit(N, -std::numeric_limits<double>::infinity());
+        double m = logit[0];
+        for (int64_t j = 0; j < N; ++j) {
+          if (!key[b * N + j] || (causal && j > p)) continue;
+          double dot = 0;
+          for (int64_t d = 0; d < dh; ++d)
+            dot += q[((b * Hq + h) * Nq + i) * dh + d] * k[((b * Hkv + h / G) * N + j) * dh + d];
+          logit[j] = dot * scale;
+          m = std::max(m, logit[j]);
+        }
+        double s = 0;
+        for (double l : logit) s += std::exp(l - m);
+        for (int64_t j = 0; j < N; ++j)
+          ref[b * N + j] += std::exp(logit[j] - m) / s / double(Hq * count[b]);
+      }
+    }
+  }
+  double err = 0;
+  for (int64_t c = 0; c < B * N; ++c) err = std::max(err, std::fabs(scores[c] - ref[c]));
+  expect(err < 1e-12, what, err);
+  return scores;
+}
+
 void check_pruning(std::mt19937_64& rng) {
-  const int64_t B = 2, Hq = 6, Hkv = 2, N = 150, dh = 16, G = Hq / Hkv;
+  const int64_t B = 2, Hq = 6, Hkv = 2, N = 150, dh = 16;
   std::normal_distribution<double> n01;
   std::vector<double> q(B * Hq * N * dh), k(B * Hkv * N * dh);
   for (auto& x : q) x = n01(rng);
@@ -124,37 +167,33 @@ void check_pruning(std::mt19937_64& rng) {
   }
   const bool* key = reinterpret_cast<const bool*>(key_c.data());
   const bool* ctx = reinterpret_cast<const bool*>(ctx_c.data());
-  for (bool causal : {true, false}) {
-    std::vector<double> scores(B * N), ref(B * N, 0.0);
-    lyra::context_scores_cpu<double, double>(q.data(), Hq * N * dh, N * dh, dh, k.data(),
-                                             Hkv * N * dh, N * dh, dh, index.data(),
-                                             count.data(), N, key, B, Hq, Hkv, N, dh, causal,
-                                             1.0 / std::sqrt(double(dh)), scores.data(), 2);
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t h = 0; h < Hq; ++h) {
-        for (int64_t t = 0; t < count[b]; ++t) {
-          const int64_t i = index[b * N + t];
-          std::vector<double> logit(N, -std::numeric_limits<double>::infinity());
-          double m = logit[0];
-          for (int64_t j = 0; j < N; ++j) {
-            if (!key[b * N + j] || (causal && j > i)) continue;
-            double dot = 0;
-            for (int64_t d = 0; d < dh; ++d)
-              dot += q[((b * Hq + h) * N + i) * dh + d] * k[((b * Hkv + h / G) * N + j) * dh + d];
-            logit[j] = dot / std::sqrt(double(dh));
-            m = std::max(m, logit[j]);
-          }
-          double s = 0;
-          for (double l : logit) s += std::exp(l - m);
-          for (int64_t j = 0; j < N; ++j)
-            ref[b * N + j] += std::exp(logit[j] - m) / s / double(Hq * count[b]);
-        }
-      }
+  // The same query rows held alone, as a context-parallel rank holds them: q row 2 t + 1 of
+  // a (B, Hq, 2 Tmax, dh) q is query row t (the even rows are not queries), its position
+  // index[t] passed apart. Scores must match the full layout's.
+  const int64_t Tmax = *std::max_element(count.begin(), count.end()), Nq = 2 * Tmax;
+  std::vector<double> q_own(B * Hq * Nq * dh);
+  for (auto& x : q_own) x = n01(rng);
+  std::vector<int64_t> own_index(B * Tmax, 0), own_pos(B * Tmax, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < count[b]; ++t) {
+      own_index[b * Tmax + t] = 2 * t + 1;
+      own_pos[b * Tmax + t] = index[b * N + t];
+      for (int64_t h = 0; h < Hq; ++h)
+        std::copy_n(q.begin() + ((b * Hq + h) * N + index[b * N + t]) * dh, dh,
+                    q_own.begin() + ((b * Hq + h) * Nq + 2 * t + 1) * dh);
     }
-    double err = 0;
-    for (int64_t c = 0; c < B * N; ++c) err = std::max(err, std::fabs(scores[c] - ref[c]));
-    expect(err < 1e-12, causal ? "context_scores f64 causal" : "context_scores f64 non-causal",
-           err);
+  }
+  for (bool causal : {true, false}) {
+    const std::vector<double> scores =
+        check_scores(q, N, k, index, index, count, N, key, B, Hq, Hkv, N, dh, causal,
+                     causal ? "context_scores f64 causal" : "context_scores f64 non-causal");
+    const std::vector<double> own = check_scores(
+        q_own, Nq, k, own_index, own_pos, count, Tmax, key, B, Hq, Hkv, N, dh, causal,
+        causal ? "context_scores f64 causal, own rows at positions"
+               : "context_scores f64 non-causal, own rows at positions");
+    double diff = 0;
+    for (int64_t c = 0; c < B * N; ++c) diff = std::max(diff, std::fabs(own[c] - scores[c]));
+    expect(diff < 1e-12, "context_scores own rows at positions == all rows", diff);
     // Selection: the top k context tokens by a full sort.
     std::vector<char> keep_c(B * N);
     lyra::select_tokens_cpu<double>(scores.data(), ctx, key, B, N, 0.3, 8,

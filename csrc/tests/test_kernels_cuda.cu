@@ -264,6 +264,9 @@ struct ScoreCase {
   std::string name;
   int64_t B, Hq, Hkv, N, dh, Tmax;
   bool causal;
+  // q holds only the query rows, as a context-parallel rank does: (B, 2 Tmax) rows, query row
+  // t at q row 2 t + 1, its key position passed apart. Otherwise q has a row per key.
+  bool own_rows = false;
 };
 
 template <typename in_t, typename acc_t>
@@ -274,17 +277,19 @@ void run_scores_case(const ScoreCase& c, std::mt19937_64& rng) {
   std::normal_distribution<double> normal(0.0, 1.0);
   std::uniform_real_distribution<double> uniform(0.0, 1.0);
 
-  // q as a (B, N, Hq, dh) tensor seen as (B, Hq, N, dh) (strided); k contiguous (B, Hkv, N, dh).
-  const int64_t q_sb = N * Hq * dh, q_sh = dh, q_sn = Hq * dh;
+  // q as a (B, Nq, Hq, dh) tensor seen as (B, Hq, Nq, dh) (strided); k contiguous
+  // (B, Hkv, N, dh).
+  const int64_t Nq = c.own_rows ? 2 * Tmax : N;
+  const int64_t q_sb = Nq * Hq * dh, q_sh = dh, q_sn = Hq * dh;
   const int64_t k_sb = Hkv * N * dh, k_sh = N * dh, k_sn = dh;
-  std::vector<in_t> q(B * N * Hq * dh), k(B * Hkv * N * dh);
+  std::vector<in_t> q(B * Nq * Hq * dh), k(B * Hkv * N * dh);
   for (auto& x : q) x = Element<in_t>::make(normal(rng));
   for (auto& x : k) x = Element<in_t>::make(normal(rng));
 
   // Samples: padding at the end, a few holes; sample 1 of 3+ has no query rows; the last
   // sample of 3+ masks its first 10 keys and puts a query at position 2 (causal: no key).
   std::vector<uint8_t> key_mask(B * N, 0);
-  std::vector<int64_t> query_index(B * Tmax, 0), query_count(B, 0);
+  std::vector<int64_t> query_index(B * Tmax, 0), query_pos(B * Tmax, 0), query_count(B, 0);
   for (int64_t b = 0; b < B; ++b) {
     const int64_t Nb = N - 13 * b;
     const bool blind_row = B >= 3 && b == B - 1;
@@ -297,7 +302,9 @@ void run_scores_case(const ScoreCase& c, std::mt19937_64& rng) {
     positions.resize(T);
     if (blind_row) positions[0] = 2;
     std::sort(positions.begin(), positions.end());
-    std::copy(positions.begin(), positions.end(), query_index.begin() + b * Tmax);
+    std::copy(positions.begin(), positions.end(), query_pos.begin() + b * Tmax);
+    for (int64_t t = 0; t < T; ++t)
+      query_index[b * Tmax + t] = c.own_rows ? 2 * t + 1 : positions[t];
   }
 
   // Reference: a direct softmax per query row.
@@ -307,14 +314,14 @@ void run_scores_case(const ScoreCase& c, std::mt19937_64& rng) {
     const int64_t T = query_count[b];
     for (int64_t h = 0; h < Hq; ++h) {
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t pos = query_index[b * Tmax + t];
+        const int64_t row = query_index[b * Tmax + t], pos = query_pos[b * Tmax + t];
         std::vector<double> logit(N, -kInf);
         double m = -kInf;
         for (int64_t j = 0; j < N; ++j) {
           if (!key_mask[b * N + j] || (c.causal && j > pos)) continue;
           double dot = 0.0;
           for (int64_t d = 0; d < dh; ++d)
-            dot += Element<in_t>::value(q[b * q_sb + h * q_sh + pos * q_sn + d]) *
+            dot += Element<in_t>::value(q[b * q_sb + h * q_sh + row * q_sn + d]) *
                    Element<in_t>::value(k[b * k_sb + (h / G) * k_sh + j * k_sn + d]);
           logit[j] = scale * dot;
           m = std::max(m, logit[j]);
@@ -329,14 +336,14 @@ void run_scores_case(const ScoreCase& c, std::mt19937_64& rng) {
   }
 
   DeviceArray<in_t> d_q(q), d_k(k);
-  DeviceArray<int64_t> d_qi(query_index), d_qc(query_count);
+  DeviceArray<int64_t> d_qi(query_index), d_qp(query_pos), d_qc(query_count);
   DeviceArray<bool> d_mask(key_mask);
   DeviceArray<acc_t> d_scores(B * N);
   DeviceArray<uint8_t> d_ws(lyra::context_scores_cuda_workspace(B, Hq, Tmax));
   CHECK_CUDA(lyra::context_scores_cuda(Element<in_t>::kDtype, d_q.ptr, q_sb, q_sh, q_sn, d_k.ptr,
-                                       k_sb, k_sh, k_sn, d_qi.ptr, d_qc.ptr, Tmax, d_mask.ptr, B,
-                                       Hq, Hkv, N, dh, c.causal, scale, d_scores.ptr, d_ws.ptr,
-                                       g_stream));
+                                       k_sb, k_sh, k_sn, d_qi.ptr, d_qp.ptr, d_qc.ptr, Tmax,
+                                       d_mask.ptr, B, Hq, Hkv, N, dh, c.causal, scale,
+                                       d_scores.ptr, d_ws.ptr, g_stream));
   CHECK_CUDA(cudaStreamSynchronize(g_stream));
   const std::vector<acc_t> scores = d_scores.download();
 
@@ -365,6 +372,10 @@ void run_scores_tests(std::mt19937_64& rng) {
   run_scores_case<__half, float>({"fp16, GQA 6/2, causal, dh 128", 3, 6, 2, 517, 128, 90, true}, rng);
   run_scores_case<__nv_bfloat16, float>({"bf16, GQA 4/1, causal, dh 256", 2, 4, 1, 200, 256, 20, true}, rng);
   run_scores_case<float, float>({"fp32, 5000 keys, causal, dh 128", 1, 2, 1, 5000, 128, 150, true}, rng);
+  // A rank's own query rows at their positions among all keys (q rows != key positions).
+  run_scores_case<double, double>({"fp64, own rows, GQA 6/2, causal, dh 40", 3, 6, 2, 300, 40, 70, true, true}, rng);
+  run_scores_case<double, double>({"fp64, own rows, MHA, non-causal, dh 16", 3, 4, 4, 200, 16, 30, false, true}, rng);
+  run_scores_case<float, float>({"fp32, own rows, GQA 8/2, causal, dh 64", 3, 8, 2, 517, 64, 90, true, true}, rng);
 }
 
 // ======================================================================================
