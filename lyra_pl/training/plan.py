@@ -3,6 +3,8 @@
 ``lyra-pl plan --preset pro --nodes 4 --gpus-per-node 8 --seq-len 8192 [--stage 2] [--json]``,
 or ``lyra-pl plan --config configs/pro/stage2_joint_sft.yaml [--gpu-memory 80]`` (every setting
 from the stage config), each ending with whether it fits a GPU of ``--gpu-memory`` GiB.
+``--context-parallel R`` (or the stage's ``model.init_args.context_parallel``) estimates a run
+with context parallelism of degree R.
 
 Arithmetic only: nothing is allocated or measured. The model it assumes is the one
 :mod:`lyra_pl.training.parallelize` builds (FSDP2 ``fully_shard`` per decoder layer, each
@@ -25,6 +27,19 @@ dropout masks), recounted for GQA and Qwen2's SwiGLU MLP. With ``attn_implementa
 the softmax probabilities add 6*heads*s bytes per token (fp32 softmax + its bf16 copy).
 Per-layer checkpointing keeps each layer's input (2h per token) plus one layer's full
 activations during its recomputation.
+
+Context parallelism of degree R (CP; R = 1 is off, and then nothing below applies): a CP group
+is R consecutive ranks within one node (R divides the GPUs per node), there are world / R
+data-parallel replicas, and each group trains on one micro-batch split along the sequence.
+FSDP2 shards over the same ranks as without CP, so parameter, gradient and optimizer bytes do
+not change. Each block's sequence is padded to a multiple of 2R and split zig-zag, so a rank
+holds 1/R of every per-token activation (stored and checkpointed layer inputs), and computes
+the cross-entropy over 1/R of the answer positions. CP adds all-gathers, counted in one row of
+the table as the largest of them (they happen at different times, so they are not summed):
+each layer's K and V over the full (padded) sequence, 4*kv_dim bytes per token, kept for
+backward in every layer without checkpointing and one layer at a time with it; at each LMME
+pruning point the sequence's hidden states, gathered and compacted, 2h*(S_before + S_after);
+the full assembled input embeddings every rank builds before taking its share, 2h*seq_len.
 """
 from __future__ import annotations
 
@@ -84,7 +99,16 @@ class MemoryPlan:
     logits: int  # lm_head output + fp32 cross-entropy over the answer positions
     total: int
     total_checkpointed: int
-    tokens_per_layer: list[int] = field(default_factory=list)  # per micro-batch row
+    tokens_per_layer: list[int] = field(default_factory=list)  # per micro-batch row, global
+    # context parallelism (all 0 but context_parallel / data_parallel when it is off)
+    context_parallel: int = 1  # CP degree R: ranks one micro-batch's sequence is split over
+    data_parallel: int = 0  # data-parallel replicas = nodes x gpus_per_node / R
+    cp_kv_gather: int = 0  # gathered K/V, all layers (kept for backward without AC)
+    cp_kv_gather_checkpointed: int = 0  # gathered K/V of one layer (per-layer AC)
+    cp_lmme_gather: int = 0  # hidden states gathered + compacted at the largest pruning point
+    cp_input_gather: int = 0  # full assembled input embeddings on every rank
+    cp_transient: int = 0  # max of the three above without AC: in `total`
+    cp_transient_checkpointed: int = 0  # max with per-layer AC: in `total_checkpointed`
     assumptions: list[str] = field(default_factory=list)
     estimate: bool = True  # always: these numbers are computed, never measured
 
@@ -159,6 +183,13 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def cp_local_tokens(n: int, cp: int) -> int:
+    """Tokens one of ``cp`` context-parallel ranks holds of a sequence of ``n``: the sequence
+    padded to a multiple of ``2 * cp`` (the zig-zag split's 2R chunks), 1/cp of that. With
+    ``cp == 1`` (no context parallelism) all ``n``, unpadded."""
+    return n if cp == 1 else _ceil_div(n, 2 * cp) * 2
+
+
 # ---------------------------------------------------------------------------- estimate
 def estimate(
     config,
@@ -172,6 +203,7 @@ def estimate(
     *,
     context_fraction: float = 0.9,
     answer_fraction: float = 1.0,
+    context_parallel: int = 1,
 ) -> MemoryPlan:
     """Per-GPU memory estimate of one training step of ``stage`` (1-4).
 
@@ -180,7 +212,8 @@ def estimate(
     10% instruction/answer text, never pruned). ``answer_fraction`` is the share of positions
     whose logits enter the cross-entropy (default 1.0: an upper bound, as if lm_head ran over
     every position); in stage 4 it is also the share of positions the speech generator
-    upsamples.
+    upsamples. ``context_parallel`` is the CP degree R (1: off); the module docstring says
+    what it changes.
     """
     def need(ok: bool, msg: str) -> None:
         if not ok:
@@ -199,6 +232,13 @@ def estimate(
          f"{context_fraction!r}")
     need(0.0 < answer_fraction <= 1.0, f"answer_fraction must be in (0, 1], got "
          f"{answer_fraction!r}")
+    need(pos_int(context_parallel), f"context_parallel must be an int >= 1, got "
+         f"{context_parallel!r}")
+    # A CP group is R consecutive ranks within one node. R dividing the GPUs per node also
+    # makes the world (nodes x gpus_per_node) a multiple of R.
+    need(gpus_per_node % context_parallel == 0,
+         f"context_parallel {context_parallel} must divide gpus_per_node {gpus_per_node}: a "
+         f"CP group's ranks are consecutive and sit within one node")
     if lmme is not None:
         need(len(lmme) == 2, f"lmme must be (n_blocks, keep_ratio), got {lmme!r}")
         n, rho = lmme
@@ -267,6 +307,8 @@ def estimate(
                                    frozen_linears=(stage == 1))
     tokens = lmme_tokens_per_layer(config, seq_len, lmme, context_fraction)
     n_answer = max(1, round(answer_fraction * seq_len))
+    R = context_parallel
+    local = [cp_local_tokens(t, R) for t in tokens]  # tokens per rank at each layer
     if stage == 4:
         # LLM under no_grad: nothing stored; the generator's layers train on upsampled tokens.
         g_tok = n_answer * config.generator_upsample
@@ -284,12 +326,13 @@ def estimate(
             f"{config.n_units + 1} classes at 10 B/element."
         )
     else:
-        activations = b * per_tok * sum(tokens)
-        activations_ckpt = b * (2 * h * sum(tokens) + per_tok * max(tokens))
-        logits = b * n_answer * V * 10
+        activations = b * per_tok * sum(local)
+        activations_ckpt = b * (2 * h * sum(local) + per_tok * max(local))
+        logits = b * _ceil_div(n_answer, R) * V * 10
         notes.append(
             f"logits: {n_answer:,} answer positions (answer_fraction {answer_fraction:g}"
             f"{', an upper bound: lm_head over every position' if answer_fraction == 1 else ''})"
+            f"{f' / CP {R} = {_ceil_div(n_answer, R):,} per rank' if R > 1 else ''}"
             f" x vocab {V:,} x 10 B (bf16 logits 2 + fp32 upcast 4 + fp32 log-softmax saved "
             f"for backward 4)."
         )
@@ -312,6 +355,10 @@ def estimate(
             f"rest is text, never pruned. Tokens per layer {tokens[0]:,} -> {tokens[-1]:,} "
             f"(mean {sum(tokens) / L:,.0f}). Scoring temporaries at pruning points not counted."
         )
+    cp = _cp_gathers(config, stage, b, seq_len, tokens, lmme, R)
+    if R > 1:
+        notes += _cp_notes(config, stage, b, seq_len, gpus_per_node, nodes * gpus_per_node,
+                           shard, local, R, n_answer, cp)
     notes.append("not counted: CUDA context / NCCL buffers (~1-3 GiB), allocator fragmentation,"
                  " transient encoder (ViT/Whisper) forward activations, unsharded gradient "
                  "buffers during reduce-scatter, batch inputs.")
@@ -329,9 +376,98 @@ def estimate(
         params=params_sharded + params_gathered + params_replicated, lora=lora_bytes, grads=grads,
         optimizer=optimizer, activations=activations,
         activations_checkpointed=activations_ckpt, logits=logits,
-        total=fixed + activations, total_checkpointed=fixed + activations_ckpt,
+        total=fixed + activations + cp["cp_transient"],
+        total_checkpointed=fixed + activations_ckpt + cp["cp_transient_checkpointed"],
         tokens_per_layer=tokens, assumptions=notes,
+        context_parallel=R, data_parallel=nodes * gpus_per_node // R, **cp,
     )
+
+
+def _cp_gathers(config, stage: int, b: int, seq_len: int, tokens: list[int],
+                lmme: tuple[int, float] | None, R: int) -> dict[str, int]:
+    """Bytes per GPU of what context parallelism all-gathers (all 0 when ``R == 1``)."""
+    names = ("cp_kv_gather", "cp_kv_gather_checkpointed", "cp_lmme_gather", "cp_input_gather",
+             "cp_transient", "cp_transient_checkpointed")
+    if R == 1:
+        return dict.fromkeys(names, 0)
+    h, kv = config.hidden_size, config.num_kv_heads * config.head_dim
+    gathered = [R * cp_local_tokens(t, R) for t in tokens]  # padded global tokens per layer
+    # K and V, bf16, over the full sequence. With grad, SDPA keeps them for backward in every
+    # layer; stage 4's LLM runs without grad, so one layer's exist at a time either way.
+    kv_one = b * 2 * 2 * kv * max(gathered)
+    kv_all = kv_one if stage == 4 else b * 2 * 2 * kv * sum(gathered)
+    lmme_g = 0
+    if lmme:
+        prune_after = config.replace(lmme_blocks=lmme[0], lmme_keep_ratio=lmme[1]).lmme_layers()
+        lmme_g = max((b * 2 * h * (gathered[i] + tokens[i + 1]) for i in prune_after),
+                     default=0)
+    input_g = b * 2 * h * seq_len
+    return dict(zip(names, (kv_all, kv_one, lmme_g, input_g, max(kv_all, lmme_g, input_g),
+                            max(kv_one, lmme_g, input_g))))
+
+
+def _cp_notes(config, stage: int, b: int, seq_len: int, gpus_per_node: int, world: int,
+              shard: int, local: list[int], R: int, n_answer: int,
+              cp: dict[str, int]) -> list[str]:
+    """The assumption lines of context parallelism, one per rule."""
+    def gib(x: int) -> str:
+        return f"{x / GIB:,.2f} GiB"
+
+    kv = config.num_kv_heads * config.head_dim
+    notes = [
+        f"context parallelism: CP {R} = a group of {R} consecutive ranks within one node ({R} "
+        f"divides {gpus_per_node} GPUs per node); {world} GPUs = {world // R} data-parallel "
+        f"replicas x {R}; each CP group trains on the same micro-batch, split along the "
+        f"sequence (keeping the global batch takes {R}x accumulate_grad_batches).",
+        f"CP parameters: FSDP2 shards over the same {shard} GPUs as without CP (the CP ranks "
+        f"are in the sharding group), so params, LoRA, grads and optimizer per GPU do not "
+        f"change with CP.",
+        f"CP sequence split: each block's sequence is padded to a multiple of 2R = {2 * R} and "
+        f"split zig-zag (2R chunks, balanced for causal attention); a rank holds 1/R of its "
+        f"tokens, {local[0]:,} -> {local[-1]:,} per layer, so every per-token activation above "
+        f"(stored, and the checkpointed layer inputs) is per rank.",
+        f"CP attention: each layer all-gathers K and V over the CP group, 2 x 2 B x kv_dim "
+        f"{kv:,} x the padded global tokens at that layer = {gib(cp['cp_kv_gather_checkpointed'])}"
+        f" at the longest layer, per micro-batch of {b}. "
+        + ("Stage 4's LLM runs without grad, so only one layer's exists at a time in both "
+           "columns." if stage == 4 else
+           f"No AC: SDPA keeps the gathered K/V of every layer for backward, "
+           f"{gib(cp['cp_kv_gather'])} (not divided by R; the rank's own K/V stay in the "
+           f"per-token count); per-layer AC: one layer's at a time, in its forward or "
+           f"recomputation."),
+    ]
+    if cp["cp_lmme_gather"]:
+        notes.append(
+            f"CP LMME: at each pruning point the hidden states of the whole sequence are "
+            f"all-gathered (2h x S_before) and compacted (2h x S_after) before each rank keeps "
+            f"its new share: {gib(cp['cp_lmme_gather'])} at the largest pruning point.")
+    notes.append(
+        f"CP input: every rank assembles the full input embeddings of the micro-batch (2h x "
+        f"seq_len {seq_len:,} x {b} = {gib(cp['cp_input_gather'])}) before taking its share; "
+        f"the 30 s Whisper windows of speech are encoded across the CP ranks, 1/R each.")
+    if stage == 4:
+        notes.append("CP stage 4: the speech generator's upsampled positions and its CTC "
+                     "logits are counted whole on every rank (not divided by R: an upper "
+                     "bound).")
+    else:
+        notes.append(
+            f"CP logits: each rank computes the cross-entropy over its local answer positions "
+            f"only, {n_answer:,} / {R} = {_ceil_div(n_answer, R):,}; this assumes they are "
+            f"spread evenly over the ranks (an answer contiguous at the end of the sequence "
+            f"lies in one or two zig-zag chunks, so one rank may hold up to all of them).")
+    parts = {"gathered K/V": (cp["cp_kv_gather"], cp["cp_kv_gather_checkpointed"]),
+             "LMME gather": (cp["cp_lmme_gather"],) * 2,
+             "input assembly": (cp["cp_input_gather"],) * 2}
+    peak = max(parts, key=lambda k: parts[k][0])
+    peak_ckpt = max(parts, key=lambda k: parts[k][1])
+    notes.append(
+        f"CP peak transient: the gathers happen at different times, so the 'CP all-gathers' "
+        f"row is the largest one, not their sum: no AC {peak} "
+        f"({gib(cp['cp_transient'])}), per-layer AC {peak_ckpt} "
+        f"({gib(cp['cp_transient_checkpointed'])}); it is added on top of every stored "
+        f"activation (an upper bound for the forward-time gathers, which come before later "
+        f"layers store theirs).")
+    return notes
 
 
 # ---------------------------------------------------------------------------- output
@@ -345,6 +481,8 @@ def format_plan(plan: MemoryPlan) -> str:
             f"{plan.stage}, {plan.nodes} node(s) x {plan.gpus_per_node} GPUs, {plan.sharding} "
             f"sharding (params sharded over {plan.shard_size} GPUs), seq_len {plan.seq_len:,}, "
             f"micro_batch {plan.micro_batch}, {lm}")
+    if plan.context_parallel > 1:
+        head += f", CP {plan.context_parallel} (data-parallel replicas {plan.data_parallel})"
     rows = [
         ("params (all three below)", plan.params, plan.params),
         ("  of which fp32 shard", plan.params_sharded, plan.params_sharded),
@@ -354,6 +492,8 @@ def format_plan(plan: MemoryPlan) -> str:
         ("grads (fp32, trainable, sharded)", plan.grads, plan.grads),
         ("optimizer (AdamW 2 x fp32, sharded)", plan.optimizer, plan.optimizer),
         ("activations (bf16, stored)", plan.activations, plan.activations_checkpointed),
+        *([("CP all-gathers (largest)", plan.cp_transient, plan.cp_transient_checkpointed)]
+          if plan.context_parallel > 1 else []),
         ("logits / cross-entropy", plan.logits, plan.logits),
         ("total", plan.total, plan.total_checkpointed),
     ]
@@ -389,7 +529,8 @@ STAGE_CLASSES = {"SpeechAlignStage": 1, "JointSFTStage": 2, "LongSpeechStage": 3
 def settings_from_config(path: str) -> dict[str, Any]:
     """What a stage config sets that the estimate depends on: preset, stage, nodes, GPUs per
     node, sequence length (``data.max_length``), micro-batch, sharding, LMME (the stage's
-    defaults under ``model_overrides``) and activation checkpointing."""
+    defaults under ``model_overrides``), activation checkpointing, and the context-parallel
+    degree (``model.init_args.context_parallel``, only where the config sets it)."""
     from omegaconf import OmegaConf
 
     from lyra_pl.data.datamodule import resolve_path
@@ -404,6 +545,8 @@ def settings_from_config(path: str) -> dict[str, Any]:
     stage, init = STAGE_CLASSES[name], model.get("init_args", {})
     lyra = {**STAGES[stage].model_defaults, **(init.get("model_overrides") or {})}
     devices = trainer.get("devices", 1)
+    cp = ({"context_parallel": int(init["context_parallel"])}
+          if init.get("context_parallel") is not None else {})
     return {"preset": init.get("preset"), "stage": stage,
             "nodes": int(trainer.get("num_nodes", 1)),
             "gpus_per_node": devices if isinstance(devices, int) else 1,
@@ -412,7 +555,7 @@ def settings_from_config(path: str) -> dict[str, Any]:
             "sharding": "hybrid" if init.get("hybrid_shard") else "full",
             "lmme": ((int(lyra["lmme_blocks"]), float(lyra.get("lmme_keep_ratio", 0.7)))
                      if lyra.get("lmme_blocks") else None),
-            "activation_checkpointing": bool(init.get("activation_checkpointing"))}
+            "activation_checkpointing": bool(init.get("activation_checkpointing")), **cp}
 
 
 def verdict(plan: MemoryPlan, gpu_gib: float, checkpointed: bool | None) -> str:
@@ -454,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="hybrid (default): shard within a node, replicate across nodes; "
                              "full: shard over all GPUs")
     parser.add_argument("--lmme", type=_parse_lmme, default=None, metavar="N,RHO")
+    parser.add_argument("--context-parallel", type=int, default=None, metavar="R",
+                        help="context-parallel degree: ranks of one node that split a "
+                             "micro-batch's sequence (default 1: off)")
     parser.add_argument("--context-fraction", type=float, default=0.9,
                         help="share of tokens that are context (LMME prunes only those)")
     parser.add_argument("--answer-fraction", type=float, default=1.0,
@@ -464,9 +610,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = {"preset": args.preset, "stage": args.stage, "nodes": args.nodes,
              "gpus_per_node": args.gpus_per_node, "seq_len": args.seq_len,
-             "micro_batch": args.micro_batch, "sharding": args.sharding, "lmme": args.lmme}
+             "micro_batch": args.micro_batch, "sharding": args.sharding, "lmme": args.lmme,
+             "context_parallel": args.context_parallel}
     settings: dict[str, Any] = {"stage": 2, "nodes": 1, "gpus_per_node": 8, "micro_batch": 1,
-                                "sharding": "hybrid", "activation_checkpointing": None}
+                                "sharding": "hybrid", "activation_checkpointing": None,
+                                "context_parallel": 1}
     if args.config is not None:
         try:
             settings.update(settings_from_config(args.config))
@@ -475,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.update({k: v for k, v in given.items() if v is not None})
     if settings.get("preset") not in PRESETS:
         parser.error(f"--preset (or --config) is required; one of {sorted(PRESETS)}")
-    for name in ("nodes", "gpus_per_node", "micro_batch"):
+    for name in ("nodes", "gpus_per_node", "micro_batch", "context_parallel"):
         if settings[name] < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {settings[name]}")
     seq_len = settings.get("seq_len") or STAGE_SEQ_LEN[settings["stage"]]
@@ -486,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
             LyraConfig.from_preset(settings["preset"]), settings["stage"], settings["nodes"],
             settings["gpus_per_node"], seq_len, settings["micro_batch"], settings["sharding"],
             settings.get("lmme"), context_fraction=args.context_fraction,
-            answer_fraction=args.answer_fraction)
+            answer_fraction=args.answer_fraction, context_parallel=settings["context_parallel"])
     except ValueError as e:
         parser.error(str(e))
     fit = verdict(plan, args.gpu_memory, settings["activation_checkpointing"])
