@@ -201,9 +201,7 @@ class LyraDataModule(L.LightningDataModule):
                                 units=self.units and mode == "train",
                                 transcripts=self.transcripts and mode == "train",
                                 expected_ids=self.expected_ids)
-        rank, world = 0, 1
-        if self.trainer is not None:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
+        rank, world = self._ranks(split)
         return ShardStream(self._shards(split), decoder, batch_size, rank=rank, world=world,
                            num_workers=self.num_workers, seed=self.seed, shuffle=shuffle,
                            finite=split != "train",
@@ -211,6 +209,17 @@ class LyraDataModule(L.LightningDataModule):
                            collate_kwargs={"image_processor": self.image_processor(),
                                            "video_processor": VideoProcessor(self.min_pixels,
                                                                              self.max_pixels)})
+
+    def _ranks(self, split: str = "train") -> tuple[int, int]:
+        """(rank, ranks) the samples of ``split`` are shared over: the data-parallel replicas
+        the model reports (context-parallel ranks read the same batches) for training and
+        validation, every rank for prediction."""
+        if self.trainer is None:
+            return 0, 1
+        module = self.trainer.lightning_module
+        if split != "predict" and hasattr(module, "data_parallel"):
+            return module.data_parallel
+        return self.trainer.global_rank, self.trainer.world_size
 
     def _loader(self, stream: ShardStream) -> DataLoader:
         return _EpochLoader(stream, self, num_workers=self.num_workers,
@@ -256,7 +265,7 @@ class LyraDataModule(L.LightningDataModule):
         if self._consumed is None:
             return {}
         epoch, batches = self._consumed
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._ranks()[1]
         return {"epoch": epoch, "batches": batches, "world_size": world,
                 "num_workers": self.num_workers, "batch_size": self.batch_size,
                 "seed": self.seed, "skipped": self._skipped}
@@ -264,7 +273,7 @@ class LyraDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        world = self.trainer.world_size if self.trainer is not None else 1
+        world = self._ranks()[1]
         now = {"world_size": world, "num_workers": self.num_workers,
                "batch_size": self.batch_size, "seed": self.seed}
         changed = {k: (state.get(k), v) for k, v in now.items() if state.get(k) != v}

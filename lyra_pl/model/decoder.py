@@ -17,6 +17,11 @@ from transformers import DynamicCache
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
 
 from lyra_pl.model.extractor import TokenState, scoring_qk, select_context
+from lyra_pl.model.sequence_split import ATTENTION, SequenceSplit, register_attention, without_hidden
+
+register_attention()
+SDPA_LIKE = ("sdpa", ATTENTION)
+"""Attention implementations that take no mask in a full causal pass over right padding."""
 
 
 class LyraDecoderLayer(Qwen2VLDecoderLayer):
@@ -55,9 +60,9 @@ def _mask(impl: str, key_valid: Tensor | None, q_len: int, dtype: torch.dtype):
     Full-sequence SDPA: None (causal, right padding). Decoding: (B, 1, 1, K) bool over the cached
     keys. Eager attention takes an additive float mask, causal when ``q_len > 1``.
     """
-    if key_valid is None and impl == "sdpa":
+    if key_valid is None and impl in SDPA_LIKE:
         return None
-    if impl == "sdpa":
+    if impl in SDPA_LIKE:
         return key_valid[:, None, None, :]
     K = key_valid.shape[1]
     allowed = key_valid[:, None, None, :].expand(-1, 1, q_len, K)
@@ -76,6 +81,7 @@ def run_layers(
     min_keep: int = 32,
     cache: DecoderCache | None = None,
     causal: bool = True,
+    split: SequenceSplit | None = None,
 ) -> tuple[TokenState, list[Tensor]]:
     """Full-sequence pass (training, evaluation, generation prefill).
 
@@ -86,10 +92,14 @@ def run_layers(
             must be :class:`LyraDecoderLayer` (``LyraModel`` builds every layer as one).
         cache: filled for generation when given.
         causal: LMME scoring over the causal keys, or over all keys (``LyraConfig.lmme_causal``).
+        split: context parallelism (:mod:`lyra_pl.model.sequence_split`): ``state`` is the
+            whole batch, the same on every rank of the group; each rank runs its share of the
+            tokens. Needs the layers' attention to be the split one (:data:`ATTENTION`).
 
     Returns:
         The final state (``hidden`` after the final norm, compacted if pruned) and the keep
-        mask of each pruning step (B, N_before).
+        mask of each pruning step (B, N_before). Under ``split`` the state is this rank's
+        share of the tokens and the keep masks cover the whole (padded) sequence.
     """
     bad = [i for i in prune_at if not (0 <= i < len(llm.layers)
                                        and isinstance(llm.layers[i], LyraDecoderLayer))]
@@ -97,9 +107,20 @@ def run_layers(
         raise ValueError(f"prune_at: layer {bad[0]} is not a LyraDecoderLayer of the "
                          f"{len(llm.layers)} layers (LMME needs the layers LyraModel builds)")
     impl = llm.config._attn_implementation
+    extra = {}
+    if split is not None:
+        if cache is not None:
+            raise ValueError("a sequence split runs full training passes, not cached generation")
+        if impl != ATTENTION:
+            raise ValueError(f"a sequence split needs the layers' attention {ATTENTION!r}, "
+                             f"got {impl!r}")
+        whole = split.pad_state(state)
+        state = split.shard_state(whole)
+        whole = without_hidden(whole)
+        extra = {"sequence_split": split}
     h = state.hidden
     cos, sin = llm.rotary_emb(h, state.positions)
-    mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
+    mask = _mask(impl, None if impl in SDPA_LIKE else state.valid, h.shape[1], h.dtype)
     keeps: list[Tensor] = []
     if cache is not None:
         cache.kv = DynamicCache()  # a full pass starts a new sequence: never attend to old keys
@@ -109,7 +130,7 @@ def run_layers(
         prune = i in prune_at
         kwargs = dict(attention_mask=mask, position_embeddings=(cos, sin),
                       past_key_values=None if cache is None else cache.kv,
-                      use_cache=cache is not None)
+                      use_cache=cache is not None, **extra)
         if prune:
             h, q, k = layer(h, return_qk=True, **kwargs)
         else:
@@ -117,12 +138,16 @@ def run_layers(
         if cache is not None:
             cache.block_of_layer.append(len(cache.key_valid) - 1)
         if prune:
-            keep = select_context(state, q, k, keep_ratio, min_keep, causal)
+            if split is None:
+                keep = select_context(state, q, k, keep_ratio, min_keep, causal)
+                state = TokenState.compact(_with_hidden(state, h), keep)
+            else:
+                keep = split.select(whole, state, q, k, keep_ratio, min_keep, causal)
+                whole, state = split.compact(whole, h, keep)
             keeps.append(keep)
-            state = TokenState.compact(_with_hidden(state, h), keep)
             h = state.hidden
             cos, sin = llm.rotary_emb(h, state.positions)
-            mask = _mask(impl, None if impl == "sdpa" else state.valid, h.shape[1], h.dtype)
+            mask = _mask(impl, None if impl in SDPA_LIKE else state.valid, h.shape[1], h.dtype)
             if cache is not None:
                 cache.key_valid.append(state.valid)
     return _with_hidden(state, llm.norm(h)), keeps

@@ -53,11 +53,14 @@ class _WindowPlan:
         first = per_clip.cumsum(0) - per_clip
         index = torch.arange(clip.numel(), device=device) - first[clip]
         real = (lengths[clip] - index * WINDOW_SAMPLES).clamp(max=WINDOW_SAMPLES)
-        # The same plan in host ints (from the clip lengths the batch keeps on the host).
-        tokens = tuple(ceil_div(min(n - i * WINDOW_SAMPLES, WINDOW_SAMPLES), SAMPLES_PER_TOKEN)
-                       for n, w in zip(audio.host_lengths, audio.host_num_windows())
-                       for i in range(w))
-        return cls(clip, index, real, tokens)
+        return cls(clip, index, real, cls.host_tokens(audio))
+
+    @staticmethod
+    def host_tokens(audio: AudioBatch) -> tuple[int, ...]:
+        """Speech tokens of each window, from the clip lengths the batch keeps on the host."""
+        return tuple(ceil_div(min(n - i * WINDOW_SAMPLES, WINDOW_SAMPLES), SAMPLES_PER_TOKEN)
+                     for n, w in zip(audio.host_lengths, audio.host_num_windows())
+                     for i in range(w))
 
     def __len__(self) -> int:
         return self.clip.numel()
@@ -113,11 +116,15 @@ class AudioEncoder(nn.Module):
         with torch.no_grad() if frozen else contextlib.nullcontext():
             return self.whisper(input_features=features.to(weight.dtype)).last_hidden_state
 
-    def _chunks(self, plan: _WindowPlan):
-        for start in range(0, len(plan), self.window_batch):
-            yield start, min(start + self.window_batch, len(plan))
+    def _chunks(self, windows: range | _WindowPlan):
+        """(start, stop) of consecutive groups of at most ``window_batch`` windows."""
+        if not isinstance(windows, range):
+            windows = range(len(windows))
+        for start in range(windows.start, windows.stop, self.window_batch):
+            yield start, min(start + self.window_batch, windows.stop)
 
-    def speech(self, audio: AudioBatch, projector: SpeechProjector) -> tuple[Tensor, Tensor]:
+    def speech(self, audio: AudioBatch, projector: SpeechProjector,
+               windows: range | None = None) -> tuple[Tensor, Tensor]:
         """Speech tokens of every clip: 10 per second of real audio.
 
         Returns:
@@ -127,6 +134,10 @@ class AudioEncoder(nn.Module):
         Each window keeps only its first ceil(real_samples / 1600) groups of 5 states (at most
         300), so a 2 s clip gives 20 tokens and a 2-hour one 72,000; padding groups are dropped
         before the projector, which therefore never spends compute on them.
+
+        ``windows``: encode only these windows of the batch (all its clips' 30 s windows in
+        clip then time order, :meth:`window_tokens`), e.g. one rank's share under context
+        parallelism; ``tokens`` then holds theirs only.
         """
         if projector.downsample != STATES_PER_TOKEN or projector.encoder_dim != self.dim:
             raise ValueError(
@@ -135,10 +146,11 @@ class AudioEncoder(nn.Module):
                 f"got encoder_dim={projector.encoder_dim}, downsample={projector.downsample}"
             )
         plan = _WindowPlan.of(audio)
+        windows = range(len(plan)) if windows is None else windows
         tokens_per_window = ceil_div(plan.real, SAMPLES_PER_TOKEN)  # 1..300
         dtype = projector.linear1.weight.dtype
         pieces = []
-        for start, stop in self._chunks(plan):
+        for start, stop in self._chunks(windows):
             states = self._encode(audio, plan, start, stop)
             groups = states.view(stop - start, TOKENS_PER_WINDOW, STATES_PER_TOKEN, self.dim)
             keep = torch.arange(TOKENS_PER_WINDOW, device=states.device) < tokens_per_window[
@@ -148,9 +160,14 @@ class AudioEncoder(nn.Module):
             rows = torch.nonzero_static(keep.flatten(), size=sum(plan.tokens[start:stop]))
             kept = groups.flatten(0, 1).index_select(0, rows.squeeze(1))
             pieces.append(projector(kept.reshape(-1, self.dim).to(dtype)))
-        if not pieces:  # no clips
+        if not pieces:  # no clips, or no windows in this share
             pieces.append(projector.linear2.weight.new_zeros(0, projector.out_dim))
         return torch.cat(pieces), audio.num_tokens()
+
+    @staticmethod
+    def window_tokens(audio: AudioBatch) -> tuple[int, ...]:
+        """Speech tokens of each 30 s window of the batch (clip then time order), host ints."""
+        return _WindowPlan.host_tokens(audio)
 
     def sound(self, audio: AudioBatch, projector: SoundProjector) -> tuple[Tensor, Tensor]:
         """Sound-event tokens: `projector.n_tokens` per clip, from mean-pooled Whisper states.

@@ -18,6 +18,9 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 from lyra_pl import ops
 from lyra_pl.model.assemble import IGNORE, PAD, Assembled
 
+PADS = {"modality": PAD, "targets": IGNORE, "index": -1}
+"""What :class:`TokenState` fields hold at padding positions (0 for the others)."""
+
 
 @dataclass
 class TokenState:
@@ -50,12 +53,11 @@ class TokenState:
 
     def compact(self, keep: Tensor) -> "TokenState":
         """Keeps the tokens where ``keep`` (B, N) is True, left-aligned and right-padded."""
-        pads = {"modality": PAD, "targets": IGNORE, "index": -1}
         names = [f.name for f in fields(self)]
         # Positions go as (B, N, 3): a (3, B, N) tensor is ambiguous to compact when B == N == 3.
         tensors = [self.positions.permute(1, 2, 0) if n == "positions" else getattr(self, n)
                    for n in names]
-        out = dict(zip(names, ops.compact(keep, *tensors, pad_value=[pads.get(n, 0) for n in names])))
+        out = dict(zip(names, ops.compact(keep, *tensors, pad_value=[PADS.get(n, 0) for n in names])))
         out["positions"] = out["positions"].permute(2, 0, 1)
         return replace(self, **out)
 

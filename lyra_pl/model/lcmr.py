@@ -39,8 +39,13 @@ def lcmr_term(
     *,
     speech_sizes: Sequence[int] | None = None,
     transcript_sizes: Sequence[int] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> Tensor | None:
     """Mean LCMR over the clips with a transcript (None when no clip has one).
+
+    ``part = (i, n)``: only the clips ``i, i + n, ...`` of those with a transcript, their sum
+    over the count of all of them: the ``n`` parts add up to the mean (context parallelism
+    runs each part on one rank of the group; a part without clips is 0).
 
     ``speech_sizes`` / ``transcript_sizes``: ``speech_counts`` / ``transcript_lengths`` as host
     ints, so that nothing is read back from the device (without them they are read, a sync).
@@ -54,13 +59,22 @@ def lcmr_term(
     n = sum(t > 0 for t in transcript_sizes)
     if not n:
         return None
+    index, parts = part
+    mine = range(index, n, parts)
+    if not mine:
+        return speech_tokens.new_zeros(())
     # The clips with a transcript, found on the device in a shape known on the host.
     rows = torch.nonzero_static(transcript_lengths > 0, size=n).squeeze(1)
+    if len(mine) < n:
+        rows = rows[mine.start::mine.step]
+    with_text = [s for s, t in zip(speech_sizes, transcript_sizes) if t > 0]
+    longest = max(with_text[i] for i in mine)
     speech = pad_sequences(speech_tokens, speech_counts, max(speech_sizes)).index_select(0, rows)
+    speech = speech[:, :longest]
     text = embed(transcript_ids.index_select(0, rows)).detach()
     losses = ops.lcmr_loss(
         speech, text.to(speech.dtype), speech_counts.index_select(0, rows),
         transcript_lengths.index_select(0, rows),
         gamma=gamma, temperature=temperature, normalize=normalize,
     )
-    return losses.mean()
+    return losses.sum() / n

@@ -21,6 +21,7 @@ from lyra_pl.model.extractor import TokenState
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lcmr import lcmr_term, pad_sequences
 from lyra_pl.model.projectors import SoundProjector, SpeechProjector
+from lyra_pl.model.sequence_split import ATTENTION, SequenceSplit
 from lyra_pl.model.speech_generator import SpeechGenerator
 
 
@@ -32,6 +33,8 @@ class LyraOutput:
     when the batch has nothing for it). ``generator_loss``: the speech generator's CTC loss
     (stage 4), when unit targets were given; not part of ``loss``. ``state`` is the final token batch (after LMME), its
     ``hidden`` the final-norm hidden states; ``keeps`` the keep mask of each pruning step.
+    Under a sequence split (:meth:`LyraModel.split_sequence`) the losses are the whole
+    batch's on every rank, ``state`` and ``logits`` this rank's tokens only.
     """
 
     loss: Tensor | None
@@ -42,6 +45,7 @@ class LyraOutput:
     generator_loss: Tensor | None = None
     keeps: list[Tensor] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    tokens: int = 0  # valid tokens entering the decoder (host int)
 
 
 class LyraModel(nn.Module):
@@ -89,6 +93,7 @@ class LyraModel(nn.Module):
                 rope_theta=config.generator_theta,
             )
         self.audio_encoder.requires_grad_(False)  # Whisper stays frozen in every stage
+        self.sequence_split: SequenceSplit | None = None
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights(device)
@@ -171,6 +176,17 @@ class LyraModel(nn.Module):
             gen = self.speech_generator
             gen.rotary_emb = type(gen.rotary_emb)(gen.config)
 
+    def split_sequence(self, split: SequenceSplit | None) -> None:
+        """Context parallelism: training passes (:meth:`forward`) split each sample's sequence
+        over ``split``'s group (:mod:`lyra_pl.model.sequence_split`); generation does not.
+        None: back to whole sequences."""
+        if split is not None and self.config.attn_implementation != "sdpa":
+            raise ValueError("context parallelism needs attn_implementation 'sdpa', got "
+                             f"{self.config.attn_implementation!r}")
+        self.sequence_split = split
+        self.llm.config._attn_implementation = (self.config.attn_implementation if split is None
+                                                else ATTENTION)
+
     # ------------------------------------------------------------------ parts
     def components(self) -> dict[str, nn.Module]:
         """The named parts, in a fixed order (parameter counts, freezing, saving)."""
@@ -197,9 +213,12 @@ class LyraModel(nn.Module):
         return adapters
 
     # ------------------------------------------------------------------ encoding
-    def encode_media(self, inputs: LyraInputs) -> dict[int, Media]:
+    def encode_media(self, inputs: LyraInputs, split: SequenceSplit | None = None
+                     ) -> dict[int, Media]:
         """Runs each encoder once for all items of the batch. Token counts per item are
-        derived on the host too (grids, clip lengths), so assembly reads nothing back."""
+        derived on the host too (grids, clip lengths), so assembly reads nothing back.
+        ``split``: the speech windows are encoded across its ranks, each a share, and every
+        rank gets all their tokens."""
         media: dict[int, Media] = {}
         merge = self.config.spatial_merge_size
         sizes = inputs.host_sizes()
@@ -220,16 +239,26 @@ class LyraModel(nn.Module):
             host = tuple(t * (h // merge) * (w // merge) for t, h, w in grids)
             media[m] = Media(tokens, llm_grid.prod(1), llm_grid, host)
         if inputs.speech is not None:
-            tokens, counts = self.audio_encoder.speech(inputs.speech, self.speech_projector)
-            media[SPEECH] = Media(tokens, counts, host_counts=inputs.speech.host_num_tokens())
+            speech, encoder = inputs.speech, self.audio_encoder
+            if split is None:
+                tokens, counts = encoder.speech(speech, self.speech_projector)
+            else:
+                per_window = encoder.window_tokens(speech)
+                shares = split.shares(len(per_window))
+                local, counts = encoder.speech(speech, self.speech_projector, shares[split.rank])
+                tokens = split.gather_rows(
+                    local, [sum(per_window[w] for w in share) for share in shares])
+            media[SPEECH] = Media(tokens, counts, host_counts=speech.host_num_tokens())
         if inputs.sound is not None:
             tokens, counts = self.audio_encoder.sound(inputs.sound, self.sound_projector)
             host = (self.config.sound_tokens,) * len(inputs.sound)
             media[SOUND] = Media(tokens, counts, host_counts=host)
         return media
 
-    def prepare(self, inputs: LyraInputs) -> tuple[Assembled, dict[int, Media]]:
-        """Encodes the media and assembles the decoder's input batch."""
+    def prepare(self, inputs: LyraInputs, split: SequenceSplit | None = None
+                ) -> tuple[Assembled, dict[int, Media]]:
+        """Encodes the media and assembles the decoder's input batch (the whole batch, also
+        under ``split``, where only the speech encoding is shared out)."""
         valid = torch.arange(inputs.input_ids.shape[1], device=inputs.input_ids.device) < inputs.lengths[:, None]
         ids = inputs.input_ids.masked_fill(~valid, self.config.pad_token_id)  # padding is ignored
         sizes = inputs.host_sizes()
@@ -238,7 +267,7 @@ class LyraModel(nn.Module):
             b = int(((ids < 0) | (ids >= self.config.vocab_size)).any(1).nonzero()[0])
             raise ValueError(f"sample {b}: token ids outside the vocabulary "
                              f"[0, {self.config.vocab_size})")
-        media = self.encode_media(inputs)
+        media = self.encode_media(inputs, split)
         embeds = self.llm.embed_tokens(ids)
         assembled = assemble(
             ids, inputs.lengths, inputs.labels, embeds, media, self.config.placeholder_ids,
@@ -248,12 +277,13 @@ class LyraModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def run_decoder(
-        self, assembled: Assembled, cache: DecoderCache | None = None
+        self, assembled: Assembled, cache: DecoderCache | None = None,
+        split: SequenceSplit | None = None,
     ) -> tuple[TokenState, list[Tensor]]:
         """The decoder layers over an assembled batch, with this config's LMME."""
         cfg = self.config
         return run_layers(self.llm, TokenState.from_assembled(assembled), cfg.lmme_layers(),
-                          cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache, cfg.lmme_causal)
+                          cfg.lmme_keep_ratio, cfg.lmme_min_keep, cache, cfg.lmme_causal, split)
 
     def forward(
         self,
@@ -269,17 +299,24 @@ class LyraModel(nn.Module):
         ``units`` / ``unit_lengths`` (B, U) / (B,): speech unit targets; the generator's loss is
         computed here, inside forward, so that it also works under FSDP."""
         cfg = self.config
+        split = self.sequence_split if cache is None else None
+        if split is not None and units is not None:
+            raise ValueError("context parallelism covers the LLM stages; the speech generator "
+                             "(units) trains on whole sequences")
         adapters = self.activate_adapters(inputs, adapters)
-        assembled, media = self.prepare(inputs)
-        state, keeps = self.run_decoder(assembled, cache)
+        assembled, media = self.prepare(inputs, split)
+        state, keeps = self.run_decoder(assembled, cache, split)
         logits = self.lm_head(state.hidden) if return_logits else None
         ce = None
         if assembled.n_targets:
-            # LMME keeps every target, so their count is known on the host: no mask readback.
-            rows = torch.nonzero_static((state.targets != IGNORE).flatten(),
-                                        size=assembled.n_targets).squeeze(1)
+            # LMME keeps every target, so their count is known on the host: no mask readback
+            # (under a split, this rank's share of them is read: one sync).
+            has_target = (state.targets != IGNORE).flatten()
+            n = assembled.n_targets if split is None else int(has_target.sum())
+            rows = torch.nonzero_static(has_target, size=n).squeeze(1)
             target_logits = self.lm_head(state.hidden.flatten(0, 1).index_select(0, rows))
-            ce = F.cross_entropy(target_logits.float(), state.targets.flatten().index_select(0, rows))
+            ce = F.cross_entropy(target_logits.float(), state.targets.flatten().index_select(0, rows),
+                                 reduction="sum") / assembled.n_targets
         lcmr = None
         if inputs.transcript_ids is not None and SPEECH in media and cfg.lcmr_weight > 0:
             lcmr = lcmr_term(
@@ -288,7 +325,10 @@ class LyraModel(nn.Module):
                 cfg.lcmr_temperature, cfg.lcmr_normalize,
                 speech_sizes=media[SPEECH].host_sizes(),
                 transcript_sizes=inputs.host_sizes().transcripts,
+                part=(0, 1) if split is None else (split.rank, split.size),
             )
+        if split is not None:  # each rank holds a part of each loss: one sum over the group
+            ce, lcmr = _sum_parts(split, ce, lcmr)
         parts = [x for x in (ce, None if lcmr is None else cfg.lcmr_weight * lcmr) if x is not None]
         loss = sum(parts) if parts else None
         generator = None
@@ -296,7 +336,8 @@ class LyraModel(nn.Module):
             if unit_lengths is None:
                 raise ValueError("units need unit_lengths")
             generator = self.speech_generator_loss(state, units, unit_lengths, assembled.n_answers)
-        return LyraOutput(loss, ce, lcmr, logits, state, generator, keeps, adapters)
+        return LyraOutput(loss, ce, lcmr, logits, state, generator, keeps, adapters,
+                          sum(assembled.host_lengths))
 
     def speech_generator_loss(
         self, state: TokenState, units: Tensor, unit_lengths: Tensor,
@@ -324,3 +365,14 @@ class LyraModel(nn.Module):
         from lyra_pl.model.generate import generate
 
         return generate(self, inputs, **kwargs)
+
+
+def _sum_parts(split: SequenceSplit, *parts: Tensor | None) -> list[Tensor | None]:
+    """Each part summed over the group, in one all-reduce (None stays None: the ranks agree on
+    which parts exist, as they hold the same batch). Its backward gives each rank's part the
+    group's gradient: with FSDP2 averaging over every rank, the step is the one-rank step."""
+    present = [p for p in parts if p is not None]
+    if not present:
+        return list(parts)
+    sums = iter(split.sum(torch.stack([p.float() for p in present])).unbind())
+    return [None if p is None else next(sums) for p in parts]

@@ -27,6 +27,7 @@ def parallelize(
     param_dtype: torch.dtype | None = torch.bfloat16,
     reduce_dtype: torch.dtype | None = torch.float32,
     reshard_after_forward: bool = True,
+    sequence_split=None,
 ) -> nn.Module:
     """Applies activation checkpointing, compile and FSDP2 to ``model`` in place; returns it.
 
@@ -39,7 +40,18 @@ def parallelize(
         compile: ``torch.compile`` each decoder layer, ``fullgraph=True``.
         param_dtype / reduce_dtype: FSDP2 mixed precision (compute in bf16, reduce gradients in
             fp32 by default); None keeps the parameters' dtype.
+        sequence_split: context parallelism, a :class:`~lyra_pl.model.sequence_split.
+            SequenceSplit` over this rank's CP group
+            (:func:`~lyra_pl.training.context_parallel.context_parallel_split`); its ranks must
+            be among the ranks of ``mesh``, which then reduces their partial gradients too.
     """
+    if sequence_split is not None:
+        if mesh is None:
+            raise ValueError("context parallelism needs FSDP2 (a mesh): its gradient reduction "
+                             "sums the context-parallel ranks' parts")
+        if compile:
+            raise ValueError("context parallelism does not run with compile=True yet")
+        model.split_sequence(sequence_split)
     llm = model.llm
     if activation_checkpointing:
         # transformers renamed the method in 5.2x; the GPU machines run 5.17.

@@ -67,6 +67,7 @@ from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
 from lyra_pl.model.lyra import LyraModel, LyraOutput
+from lyra_pl.training import context_parallel as cp
 from lyra_pl.training import precision
 from lyra_pl.training.epoch_means import EpochMeans
 from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, parallelize,
@@ -125,6 +126,10 @@ class LyraStage(L.LightningModule):
             over ``warmup_ratio`` of the optimizer steps).
         hybrid_shard: under FSDP2 on several nodes, shard within a node and replicate across
             nodes (HSDP) instead of sharding over every rank.
+        context_parallel: under FSDP2, split each sample's sequence over groups of this many
+            consecutive ranks (context parallelism, :mod:`lyra_pl.training.context_parallel`;
+            it must divide the ranks of a node). The ranks of a group read the same batches:
+            the global batch is ``batch_size x world / context_parallel`` per step.
         max_new_tokens: answer length limit of ``predict`` (greedy generation).
         activation_checkpointing, compile, param_dtype, reduce_dtype: passed to
             :func:`~lyra_pl.training.parallelize.parallelize` (the dtypes are FSDP2's mixed
@@ -160,6 +165,7 @@ class LyraStage(L.LightningModule):
         param_dtype: str | None = None,
         reduce_dtype: str | None = None,
         hybrid_shard: bool = False,
+        context_parallel: int = 1,
         max_new_tokens: int = 32,
     ):
         super().__init__()
@@ -180,6 +186,12 @@ class LyraStage(L.LightningModule):
         self.param_dtype = _dtype(param_dtype)
         self.reduce_dtype = _dtype(reduce_dtype)
         self.hybrid_shard = hybrid_shard
+        if context_parallel < 1:
+            raise ValueError(f"context_parallel must be >= 1, got {context_parallel}")
+        if context_parallel > 1 and compile:
+            raise ValueError("context_parallel does not run with compile=True yet: the split "
+                             "attention's collectives are outside the compiled layer graphs")
+        self.context_parallel = context_parallel
         self.max_new_tokens = max_new_tokens
         self.config = self.model_config()  # validated now, not in the middle of a launch
         self.model: LyraModel | None = None
@@ -203,6 +215,9 @@ class LyraStage(L.LightningModule):
             precision.check(self.trainer.precision, self.param_dtype, self.reduce_dtype,
                             fsdp2=self.device_mesh is not None)
         if self.device_mesh is None:
+            if self.context_parallel > 1:
+                raise ValueError(f"context_parallel {self.context_parallel} needs the FSDP2 "
+                                 "strategy (lyra_pl.training.parallelize.FSDP2Strategy)")
             model = LyraModel(self.config)
             self._load_weights(model)
             self.setup_trainable(model)
@@ -220,12 +235,26 @@ class LyraStage(L.LightningModule):
             self.setup_trainable(model)
             mesh = data_parallel_mesh(self.device_mesh, self.trainer.num_nodes,
                                       hybrid=self.hybrid_shard)
+            split = None
+            if self.context_parallel > 1:
+                split = cp.context_parallel_split(self.device_mesh, self.context_parallel,
+                                                  self.trainer.num_devices)
             parallelize(model, mesh, activation_checkpointing=self.activation_checkpointing,
                         compile=self.compile_layers, param_dtype=self.param_dtype,
-                        reduce_dtype=self.reduce_dtype)
+                        reduce_dtype=self.reduce_dtype, sequence_split=split)
             materialize(model, self.device)
             self._load_weights(model)
         self.model = model
+
+    @property
+    def data_parallel(self) -> tuple[int, int]:
+        """(rank, size) of this rank's data-parallel replica for training and validation: the
+        ranks of a context-parallel group read the same batches. Prediction (generation runs
+        on whole sequences) shares its samples over every rank instead."""
+        if self._trainer is None:
+            return 0, 1
+        return cp.data_parallel_rank(self.global_rank, self.trainer.world_size,
+                                     self.context_parallel)
 
     def _load_weights(self, model: LyraModel) -> None:
         if self.qwen2vl is not None:
@@ -358,9 +387,11 @@ class LyraStage(L.LightningModule):
 
     def validation_step(self, batch: LyraInputs | dict, batch_idx: int) -> Tensor | None:
         """Padding batches (which keep the ranks in step, :mod:`lyra_pl.data.stream`) run but
-        are not counted."""
+        are not counted; nor are the other ranks' copies of a context-parallel group's batch."""
         loss, _, metrics = self._step(batch)
-        if not (isinstance(batch, dict) and batch.get("padding")):
+        padding = isinstance(batch, dict) and batch.get("padding")
+        # A context-parallel group validates each sample together: one rank counts it.
+        if not padding and cp.is_group_leader(self.global_rank, self.context_parallel):
             self._val_means.add(metrics, split_batch(batch)[0].batch_size)
         return loss
 
@@ -441,19 +472,13 @@ class LyraStage(L.LightningModule):
 
 def token_metrics(out: LyraOutput) -> dict[str, Tensor]:
     """``tokens``: valid tokens entering the decoder; ``kept_ratio_block{j}``: the fraction of
-    the valid tokens before LMME pruning step j that it kept.
-
-    The entering count per sample is the assembled index of its last surviving token + 1: LMME
-    drops only context tokens and a training sample ends with its answer, which is never
-    dropped. Keep masks are False on padding, so step j-1's kept count is step j's input."""
-    state = out.state
-    index = state.index.masked_fill(~state.valid, -1)
-    before = (index.max(1).values + 1).sum().float()
+    the valid tokens before LMME pruning step j that it kept. Keep masks are False on padding,
+    so step j-1's kept count is step j's input."""
+    before = out.state.valid.new_tensor(float(out.tokens), dtype=torch.float32)
     metrics = {"tokens": before}
     for j, keep in enumerate(out.keeps):
         kept = keep.sum().float()
-        if before > 0:
-            metrics[f"kept_ratio_block{j}"] = kept / before
+        metrics[f"kept_ratio_block{j}"] = kept / before.clamp(min=1)
         before = kept
     return metrics
 
