@@ -5,7 +5,12 @@ LMME keep sets and the parameter gradients equal the one-process run; so does a 
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +126,141 @@ def test_context_parallel_matches_one_process(world, cp):
     """Loss, keep sets (LMME on and off) and gradients under CP equal the one-process run;
     with two data-parallel replicas (CP 2 x FSDP 2) the gradients are the replicas' mean."""
     mp.spawn(_worker, args=(free_port(), world, cp), nprocs=world, join=True)
+
+
+# ----------------------------------------------------------------------------- Lightning
+def write_long_speech_dataset(root: Path, n: int = 6) -> dict[str, Path]:
+    """``n`` official-format long-speech samples (31-66 s FLAC and MP3 recordings, a question
+    and a one-word answer), a tiny tokenizer and their shards."""
+    from lyra_pl.data import encode
+    from lyra_pl.data.convert import convert
+    from lyra_pl.data.tokenizer import build_tiny_tokenizer
+
+    samples, texts = [], []
+    for i in range(n):
+        seconds, suffix = 31.0 + 7 * i, (".flac", ".mp3")[i % 2]
+        path = encode.write_audio(root / f"talk{i}{suffix}",
+                                  encode.tone(seconds, 16000, 1, freq=220.0 + 40 * i), 16000)
+        answer = ("low", "high", "middle")[i % 3]
+        question = f"Is talk number {i} low or high?"
+        texts.append(question + " " + answer)
+        samples.append({"id": f"l{i}", "long_speech": path.name,
+                        "conversations": [{"from": "human", "value": "<speech>\n" + question},
+                                          {"from": "gpt", "value": answer}]})
+    (root / "data.json").write_text(json.dumps(samples))
+    build_tiny_tokenizer(texts * 20 + ["<|im_start|>system\nYou are a helpful assistant."
+                                       "<|im_end|>\n<|im_start|>user\n",
+                                       "abcdefghijklmnopqrstuvwxyz " * 30,
+                                       " ".join(str(k) for k in range(300))], root / "tokenizer")
+    convert(root / "data.json", root / "shards", samples_per_shard=2, progress=False)
+    return {"shards": root / "shards", "tokenizer": root / "tokenizer"}
+
+
+def write_weights(root: Path) -> dict[str, str]:
+    """Base checkpoints and a stage-2-style export with a trained ``long_speech`` adapter, which
+    the one-process and the sharded runs both load (a sharded run draws its random init per
+    shard, so shared weights, not a shared seed, make the runs comparable)."""
+    from lyra_pl.model.loading import save_parts, save_qwen2vl, save_whisper
+
+    model = build(lmme=False)
+    save_qwen2vl(model, root / "qwen2vl")
+    save_whisper(model, root / "whisper")
+    save_parts(model, root / "export")
+    lora.save_adapter(model.llm, "long_speech", root / "export" / "adapter_long_speech")
+    return {"qwen2vl": str(root / "qwen2vl"), "whisper": str(root / "whisper"),
+            "init_from": str(root / "export")}
+
+
+_FIT = textwrap.dedent("""
+    import json, sys, lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lyra_pl.cli import close_process_group
+    from lyra_pl.data.datamodule import LyraDataModule
+    from lyra_pl.training.parallelize import FSDP2Strategy
+    from lyra_pl.training.stages import LongSpeechStage
+    devices, cp, kill_at, ckpt, data, weights = (int(sys.argv[1]), int(sys.argv[2]),
+        int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5]), json.loads(sys.argv[6]))
+
+
+    class Killed(Exception):
+        pass
+
+
+    class Record(L.Callback):  # each step's batch keys and loss; dies before step kill_at
+        steps = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == kill_at:
+                raise Killed
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append([batch["keys"], float(outputs["loss"])])
+
+    L.seed_everything(0)
+    stage = LongSpeechStage(lora_r=4, lora_alpha=8, lora_dropout=0.0, lr=1e-2, warmup_ratio=0.0,
+                            param_dtype=None, reduce_dtype=None, context_parallel=cp,
+                            max_new_tokens=3, model_overrides={"lmme_min_keep": 4}, **weights)
+    dm = LyraDataModule(train=data["shards"], val=data["shards"], predict=data["shards"],
+                        tokenizer=data["tokenizer"], batch_size=2, num_workers=0)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", devices=devices, logger=False,
+                        strategy=FSDP2Strategy() if devices > 1 else "auto",
+                        enable_progress_bar=False, enable_model_summary=False,
+                        check_val_every_n_epoch=2, num_sanity_val_steps=0,
+                        callbacks=[Record(), ModelCheckpoint("ckpt", save_last=True, save_top_k=0,
+                                                             every_n_train_steps=1)])
+    rank, out = trainer.global_rank, {}
+    try:
+        trainer.fit(stage, datamodule=dm, ckpt_path=None if ckpt == "none" else ckpt)
+        out["val"] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                      if k.startswith("val/")}
+        out["predicted"] = [k for b in trainer.predict(stage, datamodule=dm) for k in b["keys"]
+                            if not b.get("padding")]
+        stage.save_model("export")  # every rank gathers, rank 0 writes
+    except Killed:
+        pass
+    out["steps"] = Record.steps
+    json.dump(out, open(f"{sys.argv[7]}_rank{rank}.json", "w"))
+    close_process_group()
+""")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_context_parallel_fit_resumes_exactly(tmp_path):
+    """Stage 3 (LMME, long_speech LoRA) on long FLAC/MP3 recordings under CP 2 (two gloo
+    processes, one data-parallel replica): killed mid-epoch and resumed from its last
+    checkpoint, it sees the one-process run's batches and losses, step for step; both CP
+    ranks see the same batches; validation counts each sample once; prediction (whole
+    sequences, samples shared over both ranks) answers each sample once; the export works."""
+    data = write_long_speech_dataset(tmp_path)
+    weights = write_weights(tmp_path)
+    script = tmp_path / "cp_fit.py"  # Lightning relaunches sys.argv: a file, not -c
+    script.write_text(_FIT)
+
+    def run(name, devices, cp, kill_at=-1, ckpt="none"):
+        args = [sys.executable, str(script), str(devices), str(cp), str(kill_at), ckpt,
+                json.dumps({k: str(v) for k, v in data.items()}), json.dumps(weights), name]
+        proc = subprocess.run(args, cwd=tmp_path / name, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return [json.loads((tmp_path / name / f"{name}_rank{r}.json").read_text())
+                for r in range(devices)]
+
+    for name in ("one", "cp"):
+        (tmp_path / name).mkdir()
+    (one,) = run("one", 1, 1)
+    assert len(one["steps"]) == 6  # 6 samples, batches of 2, 2 epochs
+    killed = run("cp", 2, 2, kill_at=4)  # mid-epoch 1
+    resumed = run("cp", 2, 2, ckpt=str(tmp_path / "cp" / "ckpt" / "last.ckpt"))
+    ranks = [k["steps"] + r["steps"] for k, r in zip(killed, resumed)]
+    assert ranks[0] == ranks[1]  # the CP group trains on the same batches, with one loss
+    assert [keys for keys, _ in ranks[0]] == [keys for keys, _ in one["steps"]]
+    torch.testing.assert_close(torch.tensor([loss for _, loss in ranks[0]]),
+                               torch.tensor([loss for _, loss in one["steps"]]),
+                               rtol=1e-4, atol=1e-5)
+    for r in resumed:
+        assert r["val"]["val/samples"] == 6  # the group's copies are counted once
+        torch.testing.assert_close(r["val"]["val/loss"], one["val"]["val/loss"], rtol=1e-4,
+                                   atol=1e-5)
+    predicted = resumed[0]["predicted"] + resumed[1]["predicted"]
+    assert sorted(predicted) == sorted(one["predicted"]) == [f"l{i}" for i in range(6)]
+    assert (tmp_path / "cp" / "export" / "adapter_long_speech" / "adapter_config.json").is_file()

@@ -48,14 +48,20 @@ def resolve_path(path: str | Path) -> Path | str:
 
 
 class _EpochLoader(DataLoader):
-    """Tells its :class:`ShardStream` the epoch and resume offset as each epoch begins
-    (Lightning calls ``iter`` once per epoch, after restoring a checkpoint)."""
+    """Tells its :class:`ShardStream` the epoch and resume offset as each epoch begins: when
+    the epoch's first batch is drawn, not when ``iter`` is called. Under FSDP2 Lightning calls
+    ``iter`` while setting up the optimizers (``estimated_stepping_batches``), before it
+    restores a checkpoint's data position; drawn later, the first batch comes from there."""
 
     def __init__(self, stream: ShardStream, module: "LyraDataModule", **kwargs: Any):
         super().__init__(stream, batch_size=None, **kwargs)
         self.module = module
 
     def __iter__(self):
+        return _Epoch(self)
+
+    def start_epoch(self):
+        """The epoch's batch iterator, from the position the module says."""
         stream = self.dataset
         stream.epoch, stream.start = self.module._next_epoch_start()
         trainer = self.module.trainer
@@ -64,6 +70,24 @@ class _EpochLoader(DataLoader):
                            f"samples wait for a later epoch, so that each of the {stream.world} "
                            f"ranks gets {stream.total // stream.world}")
         return super().__iter__()
+
+
+class _Epoch:
+    """One epoch of an :class:`_EpochLoader`, started (workers and all) at its first batch."""
+
+    def __init__(self, loader: _EpochLoader):
+        self.loader, self.batches = loader, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.batches is None:
+            self.batches = self.loader.start_epoch()
+        return next(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 class LyraDataModule(L.LightningDataModule):
