@@ -85,6 +85,27 @@ def test_bench_train_tiny_cpu(tmp_path):
     assert not dist.is_initialized() and "MASTER_PORT" not in os.environ
 
 
+def test_bench_train_context_parallel_cpu(tmp_path):
+    """``--context-parallel 2``: the setting runs as one CP group of two CPU processes (a
+    process tree of its own), the row says so, tokens/s per rank is the group's over 2, and
+    the MFU counts each rank's half of the step's FLOPs. One Whisper window for two ranks:
+    one of them encodes nothing and still takes part in every collective."""
+    rc = main(["train", "--device", "cpu", "--seq", "256", "--steps", "1", "--warmup", "1",
+               "--settings", "LMME(4,0.7)", "--context-parallel", "2", "--peak-tflops", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    (row,) = csv.DictReader(next(tmp_path.glob("train_tiny_seq256_cp2_*.csv")).open())
+    assert row["setting"] == "LMME(4,0.7)" and int(row["context_parallel"]) == 2
+    step, tokens = float(row["step_s"]), float(row["tokens_per_s"])
+    assert step > 0 and tokens == pytest.approx(256 / step, rel=1e-6)
+    assert float(row["tokens_per_s_rank"]) == pytest.approx(tokens / 2, rel=1e-6)
+    assert float(row["mfu"]) == pytest.approx(float(row["tflops_per_step"]) / 2 / step, rel=1e-6)
+    layers = [int(n) for n in row["decoder_tokens"].split("/")]
+    assert layers[0] == 256 and layers[-1] < 256
+    info = json.loads(next(tmp_path.glob("train_*.json")).read_text())
+    assert info["context_parallel"] == 2 and info["strategy"] == "fsdp"
+
+
 class _CountFlops(L.Callback):
     """torch's FlopCounterMode over one training step's forward and backward: from the
     batch's start to just before the optimizer step."""

@@ -22,6 +22,13 @@ the answer tokens. Not counted: the log-mel features (preprocessing), LMME's tok
 training step.
 MFU = FLOPs / (step time x the device's peak dense bf16 FLOP/s: H100/H200 SXM 989 TFLOP/s,
 H100 PCIe 756, A100 312, or ``--peak-tflops``). On CPU there is no MFU unless a peak is given.
+
+``--context-parallel N``: each setting runs on N devices (N CPU processes without a GPU) as
+one context-parallel group under FSDP2 (each a share of every sample's tokens, its own
+process tree per setting). The row's step time is the slowest rank's median, tokens/s the
+group's (the sample's decoder tokens per second) and per rank (divided by N), peak memory the
+largest rank's, and MFU the per-rank share of the model FLOPs (1/N of the step's) against one
+device's peak.
 """
 from __future__ import annotations
 
@@ -31,8 +38,11 @@ import gc
 import math
 import os
 import re
+import json
 import statistics
+import subprocess
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -63,6 +73,8 @@ class Row:
     mfu: float
     decoder_tokens: str  # tokens per layer of sample 0 (first, after each pruning step)
     note: str = ""
+    context_parallel: int = 1
+    tokens_per_s_rank: float = math.nan  # tokens_per_s / context_parallel
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:
@@ -157,7 +169,8 @@ def step_flops(model, tokens_per_layer: list[list[int]], speech_tokens: list[int
 
 
 def run_setting(args, name: str, setting: tuple[int, float] | None, device: torch.device
-                ) -> Row:
+                ) -> Row | None:
+    """The setting's row (None on the other ranks of a context-parallel run)."""
     from lyra_pl.training.parallelize import FSDP2Strategy
     from lyra_pl.training.stages import JointSFTStage
 
@@ -168,21 +181,33 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
                           lora_r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                           activation_checkpointing=args.activation_checkpointing,
                           param_dtype="bfloat16" if fsdp_bf16 else None,
-                          reduce_dtype="float32" if fsdp_bf16 else None, warmup_ratio=0.0)
+                          reduce_dtype="float32" if fsdp_bf16 else None, warmup_ratio=0.0,
+                          context_parallel=args.context_parallel)
     batch = make_batch(stage.config, args.seq, args.batch_size)
     timer = StepTimer(args.warmup, device)
     strategy = FSDP2Strategy() if args.strategy == "fsdp" else "auto"
-    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy,
+    trainer = L.Trainer(accelerator="gpu" if cuda else "cpu", devices=args.context_parallel,
+                        strategy=strategy,
                         precision="32-true" if args.strategy == "fsdp" or not cuda
                         else "bf16-mixed",
                         max_steps=args.warmup + args.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
-                        callbacks=[timer], default_root_dir=str(args.out))
+                        callbacks=[timer], default_root_dir=str(args.out),
+                        # every rank the same batches: one context-parallel group
+                        use_distributed_sampler=args.context_parallel == 1)
     loader = torch.utils.data.DataLoader([batch] * (args.warmup + args.steps), batch_size=None)
     environ = dict(os.environ)
     try:
         trainer.fit(stage, train_dataloaders=loader)
+        ranks = [(statistics.median(timer.times), timer.peak_gib)]
+        if args.context_parallel > 1:  # every rank's step time and peak memory
+            ranks = [None] * args.context_parallel
+            torch.distributed.all_gather_object(ranks, (statistics.median(timer.times),
+                                                        timer.peak_gib))
+        model = stage.model
+        on_device = stage.transfer_batch_to_device(batch, stage.device, 0)
+        tokens, speech = _decoder_tokens(model, on_device)  # collective under FSDP2
     finally:
         # The FSDP strategy's process group and the MASTER_* variables Lightning exported would
         # otherwise outlive the run (a later launch in this process tree finds the port taken).
@@ -190,18 +215,20 @@ def run_setting(args, name: str, setting: tuple[int, float] | None, device: torc
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environ)
-    step_s = statistics.median(timer.times)
-    model = stage.model
-    on_device = stage.transfer_batch_to_device(batch, stage.device, 0)
-    tokens, speech = _decoder_tokens(model, on_device)
+    if trainer.global_rank:
+        return None
+    step_s = max(t for t, _ in ranks)
+    peak_gib = max(p for _, p in ranks)
     windows = int(batch["inputs"].speech.num_windows().sum())
     flops = step_flops(model, tokens, speech, windows, args.batch_size * ANSWER_TOKENS,
                        model.adapters_for(batch["inputs"]))
     peak = peak_tflops(device, args.peak_tflops)
     entering = sum(t[0] for t in tokens)
-    return Row(name, args.seq, args.batch_size, step_s, entering / step_s, timer.peak_gib,
-               flops / 1e12, flops / step_s / (peak * 1e12) if peak else math.nan,
-               "/".join(str(n) for n in tokens[0]))
+    cp = args.context_parallel
+    return Row(name, args.seq, args.batch_size, step_s, entering / step_s, peak_gib,
+               flops / 1e12, flops / cp / step_s / (peak * 1e12) if peak else math.nan,
+               "/".join(str(n) for n in tokens[0]), context_parallel=cp,
+               tokens_per_s_rank=entering / step_s / cp)
 
 
 class StepTimer(L.Callback):
@@ -255,8 +282,10 @@ def _decoder_tokens(model, batch) -> tuple[list[list[int]], list[int]]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'setting':<13}{'seq':>7}{'batch':>6}{'step s':>9}{'tokens/s':>11}{'peak GiB':>10}"
-            f"{'TFLOP/step':>12}{'MFU':>7}  decoder tokens per layer (sample 0)")
+    cp = any(r.context_parallel > 1 for r in rows)
+    per_rank = f"{'CP':>4}{'tok/s/rank':>12}" if cp else ""
+    head = (f"{'setting':<13}{'seq':>7}{'batch':>6}{'step s':>9}{'tokens/s':>11}{per_rank}"
+            f"{'peak GiB':>10}{'TFLOP/step':>12}{'MFU':>7}  decoder tokens per layer (sample 0)")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r.note:
@@ -266,8 +295,9 @@ def format_table(rows: list[Row]) -> str:
         peak = "n/a" if math.isnan(r.peak_gib) else f"{r.peak_gib:.2f}"  # CUDA only
         layers = r.decoder_tokens.split("/")
         short = "/".join(dict.fromkeys(layers)) if len(layers) > 8 else r.decoder_tokens
+        ranks = f"{r.context_parallel:>4}{r.tokens_per_s_rank:>12.0f}" if cp else ""
         lines.append(f"{r.setting:<13}{r.seq:>7}{r.batch_size:>6}{r.step_s:>9.3f}"
-                     f"{r.tokens_per_s:>11.0f}{peak:>10}{r.tflops_per_step:>12.3g}"
+                     f"{r.tokens_per_s:>11.0f}{ranks}{peak:>10}{r.tflops_per_step:>12.3g}"
                      f"{mfu:>7}  {short}")
     return "\n".join(lines)
 
@@ -284,6 +314,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=["fsdp", "single"], default=None,
                         help="fsdp: FSDP2 over one device (default on CUDA); single: no sharding")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--context-parallel", type=int, default=1, metavar="N",
+                        help="run each setting on N devices (CPU processes without a GPU) "
+                             "as one context-parallel group under FSDP2 (default 1)")
+    parser.add_argument("--row-json", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="the device's peak dense bf16 TFLOP/s for MFU (default: known GPUs)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
@@ -298,14 +332,32 @@ def main(args: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     args.preset = args.preset or ("mini" if cuda else "tiny")
     args.seq = args.seq or (4096 if cuda else 512)
-    args.strategy = args.strategy or ("fsdp" if cuda else "single")
+    cp = args.context_parallel
+    if cp < 1:
+        print(f"--context-parallel must be >= 1, got {cp}", file=sys.stderr)
+        return 2
+    if cp > 1 and args.strategy == "single":
+        print("--context-parallel needs --strategy fsdp", file=sys.stderr)
+        return 2
+    args.strategy = args.strategy or ("fsdp" if cuda or cp > 1 else "single")
+    if cp > 1:
+        if cuda and torch.cuda.device_count() < cp:
+            print(f"--context-parallel {cp}: only {torch.cuda.device_count()} CUDA device(s)",
+                  file=sys.stderr)
+            return 2
+    if args.row_json is not None:  # one setting of a context-parallel run (see _launch)
+        row = run_setting(args, args.settings[0], SETTINGS[args.settings[0]], device)
+        if row is not None:
+            args.row_json.write_text(json.dumps(asdict(row)))
+        return 0
     rows: list[Row] = []
     for name in args.settings:
         try:
-            rows.append(run_setting(args, name, SETTINGS[name], device))
+            rows.append(_launch(args, name) if cp > 1
+                        else run_setting(args, name, SETTINGS[name], device))
         except torch.cuda.OutOfMemoryError:
             rows.append(Row(name, args.seq, args.batch_size, math.nan, math.nan, math.nan,
-                            math.nan, math.nan, "", "OOM"))
+                            math.nan, math.nan, "", "OOM", context_parallel=cp))
         # The Trainer and the module reference each other: only the collector frees a
         # setting's model, optimizer and activations before the next one is measured.
         gc.collect()
@@ -314,14 +366,38 @@ def main(args: argparse.Namespace) -> int:
         print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(format_table(rows))
-    stem = args.out / (f"train_{args.preset}_seq{args.seq}_{datetime.date.today().isoformat()}_"
-                       f"{device.type}")
+    stem = args.out / (f"train_{args.preset}_seq{args.seq}{f'_cp{cp}' if cp > 1 else ''}_"
+                       f"{datetime.date.today().isoformat()}_{device.type}")
     info = {**machine_info([device], args),
             "preset": args.preset, "seq": args.seq, "batch_size": args.batch_size,
             "steps": args.steps, "warmup": args.warmup, "strategy": args.strategy,
             "lora_rank": args.lora_rank, "activation_checkpointing": args.activation_checkpointing,
+            "context_parallel": cp,
             "device": str(device), "peak_tflops": peak_tflops(device, args.peak_tflops),
             "rows": [asdict(r) for r in rows]}
     write_results(stem, rows, info)
     print(f"\nwrote {stem}.csv, {stem}.json")
     return 0
+
+
+def _launch(args: argparse.Namespace, name: str) -> Row:
+    """One setting of a context-parallel run in a process tree of its own (Lightning launches
+    its ranks; a second Trainer in the same tree would find the first one's process group)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        argv = [sys.executable, "-m", "lyra_pl.bench", "train", "--settings", name,
+                "--row-json", str(out)]
+        for flag in ("preset", "seq", "batch_size", "steps", "warmup", "lora_rank", "strategy",
+                     "context_parallel", "peak_tflops", "device", "out"):
+            value = getattr(args, flag)
+            if value is not None:
+                argv += [f"--{flag.replace('_', '-')}", str(value)]
+        if args.activation_checkpointing:
+            argv.append("--activation-checkpointing")
+        proc = subprocess.run(argv, capture_output=True, text=True)
+        if "OutOfMemoryError" in proc.stderr:
+            raise torch.cuda.OutOfMemoryError(proc.stderr[-500:])
+        if proc.returncode or not out.is_file():
+            raise RuntimeError(f"setting {name} under --context-parallel {args.context_parallel} "
+                               f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        return Row(**json.loads(out.read_text()))

@@ -160,8 +160,9 @@ class AudioEncoder(nn.Module):
             rows = torch.nonzero_static(keep.flatten(), size=sum(plan.tokens[start:stop]))
             kept = groups.flatten(0, 1).index_select(0, rows.squeeze(1))
             pieces.append(projector(kept.reshape(-1, self.dim).to(dtype)))
-        if not pieces:  # no clips, or no windows in this share
-            pieces.append(projector.linear2.weight.new_zeros(0, projector.out_dim))
+        if not pieces:  # no clips, or no windows in this share: the projector still runs, on
+            # nothing, so that its output is part of the graph as on the ranks that encode
+            pieces.append(projector(projector.linear1.weight.new_zeros(0, self.dim)))
         return torch.cat(pieces), audio.num_tokens()
 
     @staticmethod

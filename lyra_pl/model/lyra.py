@@ -374,5 +374,6 @@ def _sum_parts(split: SequenceSplit, *parts: Tensor | None) -> list[Tensor | Non
     present = [p for p in parts if p is not None]
     if not present:
         return list(parts)
-    sums = iter(split.sum(torch.stack([p.float() for p in present])).unbind())
+    # clones, not views of the sums: FSDP2 hooks the root's outputs for backward
+    sums = iter(s.clone() for s in split.sum(torch.stack([p.float() for p in present])))
     return [None if p is None else next(sums) for p in parts]

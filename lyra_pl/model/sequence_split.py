@@ -53,7 +53,9 @@ class Collectives(Protocol):
 
     def all_gather(self, x: Tensor) -> list[Tensor]:
         """Every rank's ``x`` (same shape on each), in rank order. Backward: each rank gets the
-        sum over ranks of the gradients of its own ``x``."""
+        sum over ranks of the gradients of its own ``x``. Like every collective here, each
+        rank must call it (and its backward) alike: ``x`` requires grad on all ranks or on
+        none."""
 
     def all_reduce(self, x: Tensor) -> Tensor:
         """The sum over ranks. Backward: the sum over ranks of the gradients."""

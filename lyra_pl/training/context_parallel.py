@@ -12,8 +12,8 @@ backward scales each rank's part by R.
 """
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 from torch.distributed import _functional_collectives as funcol
 
@@ -39,7 +39,25 @@ class GroupCollectives:
         return list(_all_gather(x.contiguous(), 0, self.group).chunk(self.size))
 
     def all_reduce(self, x: Tensor) -> Tensor:
-        return dist_fn.all_reduce(x, op=dist.ReduceOp.SUM, group=self.group)
+        return _AllReduceSum.apply(x, self.group)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over a group; the backward sums the gradients (each rank's part of a summed loss
+    gets the whole group's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def check_degree(context_parallel: int, world_size: int, ranks_per_node: int) -> None:
