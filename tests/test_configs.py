@@ -46,7 +46,10 @@ def test_config_parses_and_instantiates(path, tmp_path, monkeypatch):
         assert objs.model.lr == lr
         gbs = {1: 256, 2: 128, 3: 32, 4: 32}[stage_no]
         world = 8 * (4 if path.parent.name == 'pro' else 1)  # as written in the file
-        assert objs.datamodule.batch_size * cfg.trainer.accumulate_grad_batches * world == gbs
+        replicas = world // objs.model.context_parallel  # a CP group shares its batches
+        assert objs.datamodule.batch_size * cfg.trainer.accumulate_grad_batches * replicas == gbs
+        if stage_no == 3 and path.parent.name in ("base", "pro"):  # 131,072-token samples
+            assert objs.model.context_parallel == {"base": 2, "pro": 8}[path.parent.name]
         assert objs.model.warmup_ratio == (0.09 if stage_no == 4 else 0.03)
 
 

@@ -265,3 +265,20 @@ def test_context_parallel_fit_resumes_exactly(tmp_path):
     predicted = resumed[0]["predicted"] + resumed[1]["predicted"]
     assert sorted(predicted) == sorted(one["predicted"]) == [f"l{i}" for i in range(6)]
     assert (tmp_path / "cp" / "export" / "adapter_long_speech" / "adapter_config.json").is_file()
+
+
+def test_context_parallel_settings_are_one_line_before_anything_starts(tmp_path, monkeypatch,
+                                                                        capsys):
+    from test_cli import _fit_error
+
+    stage3 = str(Path(__file__).resolve().parents[1] / "configs/tiny/stage3_long_speech.yaml")
+    cp2 = ["--config", stage3, "--model.init_args.context_parallel=2"]
+    err = _fit_error(cp2, tmp_path, monkeypatch, capsys)
+    assert ("--model.init_args.context_parallel 2 needs --trainer.strategy "
+            "lyra_pl.training.parallelize.FSDP2Strategy") in err
+    fsdp2 = "--trainer.strategy=lyra_pl.training.parallelize.FSDP2Strategy"
+    err = _fit_error([*cp2, fsdp2, "--trainer.devices=3"], tmp_path, monkeypatch, capsys)
+    assert "context_parallel 2 does not divide the 3 ranks of the job" in err
+    err = _fit_error([*cp2, fsdp2, "--trainer.devices=2", "--trainer.num_nodes=2",
+                      "--model.init_args.context_parallel=4"], tmp_path, monkeypatch, capsys)
+    assert "does not divide the 2 ranks of a node: a group would span two nodes" in err

@@ -56,6 +56,10 @@ GIB = 2**30
 STAGE_SEQ_LEN = {1: 2048, 2: 8192, 3: 131072, 4: 16384}
 """Default ``--seq-len`` per stage: the stage's max length in docs/method.md."""
 STAGE_LORA_RANK = {1: 0, 2: 64, 3: 128, 4: 0}
+STAGE_FRACTIONS = {3: (0.95, 0.01)}
+"""Default ``--context-fraction`` / ``--answer-fraction`` of a stage (others: 0.9 / 1.0, the
+upper bound): a stage-3 sample is a long recording with a short question and answer (2 h of
+speech is 72,000 tokens; a 1,311-token question and answer is 1% of 131,072)."""
 STAGE_ADAPTERS = {1: 0, 2: 2, 3: 1, 4: 0}  # LoRA adapters trained: stage 2 speech + sound
 STAGE_TRAINABLE = {
     1: "speech projector",
@@ -600,10 +604,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-parallel", type=int, default=None, metavar="R",
                         help="context-parallel degree: ranks of one node that split a "
                              "micro-batch's sequence (default 1: off)")
-    parser.add_argument("--context-fraction", type=float, default=0.9,
-                        help="share of tokens that are context (LMME prunes only those)")
-    parser.add_argument("--answer-fraction", type=float, default=1.0,
-                        help="share of positions with a loss (default 1.0, an upper bound)")
+    parser.add_argument("--context-fraction", type=float, default=None,
+                        help="share of tokens that are context (LMME prunes only those; "
+                             "default 0.95 in stage 3, else 0.9)")
+    parser.add_argument("--answer-fraction", type=float, default=None,
+                        help="share of positions with a loss (default 0.01 in stage 3, else "
+                             "1.0, an upper bound)")
     parser.add_argument("--gpu-memory", type=float, default=80.0,
                         help="GiB per GPU for the fits / does-not-fit verdict (default 80)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -629,12 +635,17 @@ def main(argv: list[str] | None = None) -> int:
     seq_len = settings.get("seq_len") or STAGE_SEQ_LEN[settings["stage"]]
     if seq_len < 1:
         parser.error(f"--seq-len must be >= 1, got {seq_len}")
+    context_fraction, answer_fraction = STAGE_FRACTIONS.get(settings["stage"], (0.9, 1.0))
+    if args.context_fraction is not None:
+        context_fraction = args.context_fraction
+    if args.answer_fraction is not None:
+        answer_fraction = args.answer_fraction
     try:
         plan = estimate(
             LyraConfig.from_preset(settings["preset"]), settings["stage"], settings["nodes"],
             settings["gpus_per_node"], seq_len, settings["micro_batch"], settings["sharding"],
-            settings.get("lmme"), context_fraction=args.context_fraction,
-            answer_fraction=args.answer_fraction, context_parallel=settings["context_parallel"])
+            settings.get("lmme"), context_fraction=context_fraction,
+            answer_fraction=answer_fraction, context_parallel=settings["context_parallel"])
     except ValueError as e:
         parser.error(str(e))
     fit = verdict(plan, args.gpu_memory, settings["activation_checkpointing"])

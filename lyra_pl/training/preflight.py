@@ -43,6 +43,7 @@ def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
         precision.check_config(config.get("trainer") or {}, model)
     except ValueError as e:
         raise RunInputError(str(e)) from None
+    _check_context_parallel(model, config.get("trainer") or {})
     for key in ("qwen2vl", "whisper", "init_from"):
         path = model.get(key)
         if path is not None and not Path(path).is_dir():
@@ -79,3 +80,27 @@ def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
             not Path(ckpt).exists():
         raise RunInputError(f"--ckpt_path: {ckpt} does not exist (or use --ckpt_path last to "
                             "resume this run folder's last checkpoint)")
+
+
+def _check_context_parallel(model: Mapping[str, Any], trainer: Mapping[str, Any]) -> None:
+    """Context parallelism needs the FSDP2 strategy and groups that fit the job's ranks."""
+    from lyra_pl.training.context_parallel import check_degree
+
+    cp = model.get("context_parallel") or 1
+    if cp == 1:
+        return
+    strategy = trainer.get("strategy")
+    name = strategy.get("class_path", "") if isinstance(strategy, Mapping) else str(strategy)
+    if not name.endswith(("FSDP2Strategy", "ModelParallelStrategy")):
+        raise RunInputError(f"--model.init_args.context_parallel {cp} needs "
+                            "--trainer.strategy lyra_pl.training.parallelize.FSDP2Strategy, got "
+                            f"{name or None}")
+    devices, nodes = trainer.get("devices"), int(trainer.get("num_nodes") or 1)
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        try:
+            check_degree(cp, devices * nodes, devices)
+        except ValueError as e:
+            raise RunInputError(f"--model.init_args.context_parallel: {e} (--trainer.devices "
+                                f"{devices}, --trainer.num_nodes {nodes})") from None
