@@ -197,7 +197,8 @@ def test_plan_from_a_stage_config_with_a_verdict(capsys):
     settings = P.settings_from_config(str(root / "configs/base/stage3_long_speech.yaml"))
     assert settings == {"preset": "base", "stage": 3, "nodes": 1, "gpus_per_node": 8,
                         "seq_len": 131072, "micro_batch": 1, "sharding": "full",
-                        "lmme": (4, 0.7), "activation_checkpointing": True}
+                        "lmme": (4, 0.7), "activation_checkpointing": True,
+                        "context_parallel": 2}
     pro = P.settings_from_config(str(root / "configs/pro/stage2_joint_sft.yaml"))
     assert (pro["nodes"], pro["micro_batch"], pro["sharding"], pro["lmme"]) == \
         (4, 4, "hybrid", None)
