@@ -282,3 +282,9 @@ def test_context_parallel_settings_are_one_line_before_anything_starts(tmp_path,
     err = _fit_error([*cp2, fsdp2, "--trainer.devices=2", "--trainer.num_nodes=2",
                       "--model.init_args.context_parallel=4"], tmp_path, monkeypatch, capsys)
     assert "does not divide the 2 ranks of a node: a group would span two nodes" in err
+    from lyra_pl.training.stages import LongSpeechStage, SpeechGenStage
+
+    with pytest.raises(ValueError, match="speech generator on whole sequences"):
+        SpeechGenStage(context_parallel=2)
+    with pytest.raises(ValueError, match="compile=True"):
+        LongSpeechStage(context_parallel=2, compile=True)

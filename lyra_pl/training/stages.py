@@ -590,6 +590,9 @@ class SpeechGenStage(LyraStage):
 
     def __init__(self, lr: float = 2e-4, warmup_ratio: float = 0.09, **kwargs: Any):
         super().__init__(lr=lr, warmup_ratio=warmup_ratio, **kwargs)
+        if self.context_parallel > 1:
+            raise ValueError("SpeechGenStage trains the speech generator on whole sequences: "
+                             f"context_parallel must be 1, got {self.context_parallel}")
 
     def forward(self, batch: LyraInputs | dict) -> LyraOutput:
         if split_batch(batch)[1] is None:
