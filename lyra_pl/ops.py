@@ -64,9 +64,15 @@ def _soft_dtw_setup_context(ctx, inputs, output):
     if store_weights:
         ctx.save_for_backward(output[1], x_lengths, y_lengths)
     ctx.bandwidth = bandwidth
+    # The weights output takes no gradient: without this, autograd would fill a zero tensor
+    # the size of the weights (3 x D) for it in every backward.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _soft_dtw_backward(ctx, grad_value, _grad_weights):
+    if grad_value is None:
+        return None, None, None, None, None, None
     if not ctx.saved_tensors:
         raise RuntimeError(
             "soft_dtw was called with store_weights=False, so it cannot be differentiated"

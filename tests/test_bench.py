@@ -25,6 +25,20 @@ def test_bench_kernels_quick(tmp_path):
     assert all(float(r["median_ms"]) > 0 for r in ours)
 
 
+def test_bench_kernels_contention(tmp_path):
+    """--contention: ours with all threads and with one, quiet and beside a busy process."""
+    rc = main(["kernels", "--quick", "--device", "cpu", "--only", "softdtw", "--contention",
+               "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(next(tmp_path.glob("*.csv")).open()))
+    threads = torch.get_num_threads()
+    for size in {r["size"] for r in rows}:
+        impls = {r["impl"]: r for r in rows if r["size"] == size}
+        assert {"ours", "ours 1 thread", f"ours {threads} threads + busy",
+                "ours 1 thread + busy"} <= set(impls)
+        assert all(float(impls[i]["median_ms"]) > 0 for i in impls if i.startswith("ours"))
+
+
 def test_bench_data_small(tmp_path):
     """A 36 s MP3 and 12 small samples with 1 and 2 workers: every sample converted, the
     same shards either way, a peak RSS read from the converter process."""

@@ -133,17 +133,34 @@ def test_nan_cost_propagates(device):
     assert torch.isnan(reference.soft_dtw(D, x, y)[0])
 
 
-def test_one_sample_split_across_threads_with_band():
-    """B=1 with long diagonals: each diagonal is split between threads (the B < threads path)."""
+@pytest.mark.parametrize("B", [1, 3])
+def test_samples_split_into_stripes_across_threads(B):
+    """Fewer samples than work items for the threads: each sample's rows are cut into stripes
+    that threads run as a pipeline, trading one row of R (forward) or of what E passes up
+    (backward) per diagonal. Against the analytic float64 gradient, with and without a band,
+    variable lengths; and bitwise equal to one thread, whose single stripe per sample runs the
+    same arithmetic cell by cell."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    D = cost_matrix(B, 700, 650, seed=4)
+    x = torch.tensor([700, 455, 130][:B])
+    y = torch.tensor([650, 630, 90][:B])
     try:
-        D = cost_matrix(1, 700, 650, seed=4)
-        x, y = torch.tensor([700]), torch.tensor([650])
         for bandwidth in (None, 300):
-            v, g = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
+            runs = {}
+            for n in (1, 2, 3):
+                torch.set_num_threads(n)
+                runs[n] = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
             av, ag = analytic(D, x, y, bandwidth=bandwidth)
+            v, g = runs[2]
             assert rel_err(v, av) < 1e-10 and rel_err(g, ag) < 1e-8
+            for n in (2, 3):
+                assert torch.equal(runs[n][0], runs[1][0]) and torch.equal(runs[n][1], runs[1][1])
+            D32 = D.float()
+            torch.set_num_threads(1)
+            one = value_and_grad(ops.soft_dtw, D32, x, y, bandwidth=bandwidth)
+            torch.set_num_threads(2)
+            two = value_and_grad(ops.soft_dtw, D32, x, y, bandwidth=bandwidth)
+            assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     finally:
         torch.set_num_threads(threads)
 

@@ -8,12 +8,14 @@ Methodology and measured numbers: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import datetime
 import gc
 import importlib
 import math
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -207,9 +209,37 @@ def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], D: torch.Tensor) -> tor
     return grad
 
 
+@contextlib.contextmanager
+def busy_process():
+    """One other process spinning on a core while the block runs: the load DataLoader workers
+    put beside training on a small machine."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # scheduled and spinning before the first timed run
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` run with torch's intra-op threads (which our ops use) set to ``n``."""
+
+    def step():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return step
+
+
 def bench_soft_dtw(device: torch.device, size: tuple[int, int, int], ours_only: bool,
-                   timing: dict[str, Any]) -> list[Row]:
-    """Soft-DTW forward + backward of the sum on full-length float32 batches."""
+                   timing: dict[str, Any], contention: bool = False) -> list[Row]:
+    """Soft-DTW forward + backward of the sum on full-length float32 batches. ``contention``
+    (CPU): ours also with one thread, and both again beside a busy process."""
     B, L, S = size
     D = lcmr_cost(B, L, S, device).requires_grad_()
     x_len = torch.full((B,), L, dtype=torch.int64, device=device)
@@ -235,7 +265,19 @@ def bench_soft_dtw(device: torch.device, size: tuple[int, int, int], ours_only: 
         return math.nan if truth is None else (grad.double() - truth).abs().max().item()
 
     steps = {n: (lambda fn=fn: _fwd_bwd(fn, D)) if callable(fn) else fn for n, fn in fns.items()}
-    return _run_impls(device, "softdtw", f"B={B} L={L} S={S}", D.dtype, steps, error, timing)
+    name = f"B={B} L={L} S={S}"
+    if contention and device.type == "cpu" and callable(steps["ours"]):
+        threads = torch.get_num_threads()
+        steps["ours 1 thread"] = _threads(1, steps["ours"])
+        rows = _run_impls(device, "softdtw", name, D.dtype, steps, error, timing)
+        with busy_process():
+            busy = _run_impls(device, "softdtw", name, D.dtype,
+                              {f"ours {threads} threads + busy": steps["ours"],
+                               "ours 1 thread + busy": steps["ours 1 thread"]}, error, timing)
+        for row in busy:  # against ours without the busy process, like every other row
+            row.ours_speedup = row.median_ms / rows[0].median_ms if row.median_ms else None
+        return rows + busy
+    return _run_impls(device, "softdtw", name, D.dtype, steps, error, timing)
 
 
 def prune_inputs(N: int, device: torch.device, dtype: torch.dtype):
@@ -356,6 +398,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=30.0,
                         help="seconds of timed runs per implementation and size: slower ones get "
                              "fewer repeats, at least 1, shown in the repeats column (default: 30)")
+    parser.add_argument("--contention", action="store_true",
+                        help="CPU soft-DTW: also ours with one thread, and both beside a busy "
+                             "process (the load DataLoader workers put beside training)")
     parser.add_argument("--only", choices=["softdtw", "prune"], default=None,
                         help="run one op only (default: both)")
     parser.add_argument("--max-n", type=int, default=CPU_MAX_N,
@@ -382,7 +427,7 @@ def main(args: argparse.Namespace) -> int:
                 sizes[1:1] = [(s, False) for s in SOFT_DTW_CUDA_SIZES]
                 sizes += [(s, True) for s in SOFT_DTW_CUDA_OURS_ONLY]
             for size, ours_only in sizes:
-                rows += bench_soft_dtw(device, size, ours_only, timing)
+                rows += bench_soft_dtw(device, size, ours_only, timing, args.contention)
         if args.only in (None, "prune"):
             max_n = args.max_n if device.type == "cpu" else None
             for N in QUICK_PRUNE_NS if args.quick else PRUNE_NS:
