@@ -40,14 +40,15 @@ def _loaded_modules(model: LyraModel) -> list[torch.nn.Module]:
 
 def _overhead(directory: Path) -> int:
     """Bytes of a checkpoint directory that are not tensor data: config.json, the index and
-    every file's header (8-byte length + JSON), which each reader reads whole; plus 1 KiB for
-    reading the counter itself (``/proc/thread-self/io``, about 120 bytes)."""
-    total = 1024 + sum((directory / n).stat().st_size
+    every file's header (8-byte length + JSON), read twice (once by the check of the whole
+    folder before anything loads, :mod:`lyra_pl.model.checkpoints`, once by the reader), plus
+    1 KiB for reading the counter itself (``/proc/thread-self/io``, about 120 bytes)."""
+    total = sum((directory / n).stat().st_size
                 for n in ("config.json", "model.safetensors.index.json"))
     for path in directory.glob("*.safetensors"):
         with path.open("rb") as f:
             total += 8 + int.from_bytes(f.read(8), "little")
-    return total
+    return 1024 + 2 * total
 
 
 def _hub_checkpoints(root: Path, cfg: LyraConfig) -> tuple[Path, Path]:

@@ -16,7 +16,6 @@ model is built.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
@@ -25,52 +24,22 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from lyra_pl.model.checkpoints import check_qwen2vl, check_whisper
 from lyra_pl.model.safetensors_file import SafetensorsFile
 
 PARTS = ("speech_projector", "sound_projector", "speech_generator")
 
 
-def _shards(directory: str | Path) -> list[Path]:
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(d)!r} does not exist")
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / f for f in files]
-    if (d / "model.safetensors").exists():  # hub repos may add e.g. model.fp32-*.safetensors
-        return [d / "model.safetensors"]
-    files = sorted(d.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {str(d)!r} (pytorch_model.bin "
-                                "checkpoints are not read: convert them to safetensors)")
-    return files
-
-
-def _config(directory: str | Path) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{str(path)!r} not found")
-    return json.loads(path.read_text())
-
-
-def _check_shapes(source: str, found: dict, expected: dict[str, object]) -> None:
-    for key, want in expected.items():
-        got = found.get(key)
-        if got is not None and got != want:
-            raise ValueError(f"{source}: config field {key!r} is {got!r} but the LyraConfig "
-                             f"expects {want!r}; build the model from a matching preset")
-
-
 def _load_mapped(
-    module: nn.Module, directory: str | Path, rename: Callable[[str], str | None], what: str,
+    module: nn.Module, shards: list[Path], directory: str | Path,
+    rename: Callable[[str], str | None], what: str,
     allow_missing: Callable[[str], bool] = lambda k: False,
 ) -> None:
-    """Loads every tensor whose key ``rename`` maps into ``module`` (:func:`_load_file`);
-    errors on what is left."""
+    """Loads every tensor of ``shards`` whose key ``rename`` maps into ``module``
+    (:func:`_load_file`); errors on what is left."""
     own = module.state_dict()
     loaded: set[str] = set()
-    for shard in _shards(directory):
+    for shard in shards:
         with SafetensorsFile(shard) as f:
             names = {}
             for key in f.keys():
@@ -98,22 +67,8 @@ def _load_mapped(
 def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
     """Qwen2-VL LLM + ViT weights into ``model.llm``, ``model.lm_head``, ``model.visual``."""
     cfg = model.config
-    found = _config(directory)
-    text = found.get("text_config", found)
-    _check_shapes(f"{directory}/config.json", text, {
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-        "intermediate_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-    })
-    _check_shapes(f"{directory}/config.json", found.get("vision_config", {}), {
-        "depth": cfg.vision_depth, "embed_dim": cfg.vision_embed_dim,
-    })
-    # A tied model has one tensor for embeddings and lm_head: loading an untied checkpoint
-    # into it would silently overwrite the embeddings with the lm_head.
-    _check_shapes(f"{directory}/config.json",
-                  {"tie_word_embeddings": found.get("tie_word_embeddings",
-                                                    text.get("tie_word_embeddings"))},
-                  {"tie_word_embeddings": cfg.tie_word_embeddings})
+    # Every field that changes the numbers, and the files, before a tensor is read.
+    shards = check_qwen2vl(directory, cfg)
     tied = cfg.tie_word_embeddings
 
     def rename(key: str) -> str | None:
@@ -129,7 +84,7 @@ def load_qwen2vl(model: nn.Module, directory: str | Path) -> None:
         return None
 
     parts = nn.ModuleDict({"llm": model.llm, "lm_head": model.lm_head, "visual": model.visual})
-    _load_mapped(parts, directory, rename, "Qwen2-VL checkpoint",
+    _load_mapped(parts, shards, directory, rename, "Qwen2-VL checkpoint",
                  allow_missing=lambda k: tied and k == "lm_head.weight")
     if tied:
         model.lm_head.weight = model.llm.embed_tokens.weight
@@ -175,19 +130,14 @@ def save_whisper(model: nn.Module, directory: str | Path, write: bool = True) ->
 
 def load_whisper(model: nn.Module, directory: str | Path) -> None:
     """The encoder of a Whisper checkpoint into ``model.audio_encoder.whisper``."""
-    cfg = model.config
-    _check_shapes(f"{directory}/config.json", _config(directory), {
-        "d_model": cfg.audio_dim, "encoder_layers": cfg.audio_layers,
-        "encoder_attention_heads": cfg.audio_heads, "num_mel_bins": cfg.num_mel_bins,
-    })
-
+    shards = check_whisper(directory, model.config)
     def rename(key: str) -> str | None:
         for prefix in ("model.encoder.", "encoder."):
             if key.startswith(prefix):
                 return key[len(prefix):]
         return None
 
-    _load_mapped(model.audio_encoder.whisper, directory, rename, "Whisper checkpoint")
+    _load_mapped(model.audio_encoder.whisper, shards, directory, rename, "Whisper checkpoint")
     _init_buffers(model)
 
 

@@ -117,7 +117,10 @@ class LyraModel(nn.Module):
         training of large presets, build on the meta device and use the functions of
         :mod:`lyra_pl.model.loading`, which assign the loaded tensors."""
         from lyra_pl.model import loading
+        from lyra_pl.model.checkpoints import check_checkpoints
 
+        # Every field that changes the numbers and every file, before the model is built.
+        check_checkpoints(config, qwen2vl, whisper)
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype or previous)
         try:

@@ -49,6 +49,7 @@ def check_run(config: Mapping[str, Any], subcommand: str | None) -> None:
         if path is not None and not Path(path).is_dir():
             raise RunInputError(f"--model.init_args.{key}: {path} does not exist; "
                                 f"{_hint(str(path))}")
+    _check_checkpoints(model)
     data = dict(config.get("data") or {})
     tokenizer = data.get("tokenizer")
     if tokenizer is not None and not resolve_path(tokenizer).is_dir():
@@ -104,3 +105,23 @@ def _check_context_parallel(model: Mapping[str, Any], trainer: Mapping[str, Any]
         except ValueError as e:
             raise RunInputError(f"--model.init_args.context_parallel: {e} (--trainer.devices "
                                 f"{devices}, --trainer.num_nodes {nodes})") from None
+
+
+def _check_checkpoints(model: Mapping[str, Any]) -> None:
+    """The base checkpoints against the preset and overrides the stage builds from: every field
+    that changes the numbers, every shard, each file complete (headers only, seconds)."""
+    from lyra_pl.model.checkpoints import CheckpointError, check_checkpoints
+    from lyra_pl.model.config import LyraConfig
+
+    if model.get("qwen2vl") is None and model.get("whisper") is None:
+        return
+    preset = model.get("preset") or "tiny"
+    try:
+        config = LyraConfig.from_preset(preset, **dict(model.get("model_overrides") or {}))
+    except (TypeError, ValueError):
+        return  # the stage reports a bad preset or override itself, naming it
+    try:
+        check_checkpoints(config, model.get("qwen2vl"), model.get("whisper"), preset)
+    except (CheckpointError, FileNotFoundError) as e:
+        key = "whisper" if model.get("whisper") and str(model.get("whisper")) in str(e) else "qwen2vl"
+        raise RunInputError(f"--model.init_args.{key}: {e}") from None

@@ -63,6 +63,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lyra_pl.model import loading, lora
+from lyra_pl.model.checkpoints import check_checkpoints
 from lyra_pl.model.info import parameter_rows
 from lyra_pl.model.config import LyraConfig
 from lyra_pl.model.inputs import LyraInputs
@@ -214,6 +215,8 @@ class LyraStage(L.LightningModule):
         if self._trainer is not None:  # the preflight checked CLI runs; this, runs set up in Python
             precision.check(self.trainer.precision, self.param_dtype, self.reduce_dtype,
                             fsdp2=self.device_mesh is not None)
+        # The checkpoints against the config, before the model is built (Pro is 74B).
+        check_checkpoints(self.config, self.qwen2vl, self.whisper, self.preset)
         if self.device_mesh is None:
             if self.context_parallel > 1:
                 raise ValueError(f"context_parallel {self.context_parallel} needs the FSDP2 "
