@@ -16,6 +16,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str, bool]] = {
     ("eval",): ("lyra_pl.eval.cli", "main", False),
     ("needle",): ("lyra_pl.eval.needle", "main", False),
     ("chat",): ("lyra_pl.chat", "main", False),
+    ("export",): ("lyra_pl.export", "main", False),
     ("pipeline",): ("lyra_pl.training.cli", "pipeline", False),
     ("data", "convert"): ("lyra_pl.data.convert", "main", False),
     ("data", "merge"): ("lyra_pl.data.convert", "merge_main", False),
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
               "lyra-pl --help)", file=sys.stderr)
         return 2
     print(
-        "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,chat,data,corpus,bench,info,"
-        "plan} [options]\n\n"
+        "usage: lyra-pl {fit,validate,predict,pipeline,eval,needle,chat,export,data,corpus,bench,"
+        "info,plan} [options]\n\n"
         "subcommands:\n"
         "  fit|validate|predict  a stage (`lyra-pl fit --config configs/tiny/stage2_joint_sft.yaml`)\n"
         "  pipeline the four stages in order (`lyra-pl pipeline --preset tiny`)\n"
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         "  needle   long-speech needle in a haystack (`lyra-pl needle --ckpt ...`)\n"
         "  chat     talk to an export: `lyra-pl chat --export runs/tiny/stage2_joint_sft/export`\n"
         "           (--image/--audio/--video F, --prompt TEXT, --jsonl FILE; see --help)\n"
+        "  export   `lyra-pl export --ckpt runs/tiny/stage2_joint_sft --out hf --merge speech`:\n"
+        "           a Qwen2-VL folder transformers loads (--format hf), or a stage export\n"
+        "           from a checkpoint (--format lyra)\n"
         "  data     `lyra-pl data convert INPUT.json --out DIR`: official JSON -> shards;\n"
         "           `lyra-pl data merge DIR`: join the parts of a --part I/N conversion\n"
         "           `lyra-pl data example --out DIR`: a small offline release (docs/data.md)\n"

@@ -88,6 +88,7 @@ trainer:
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args: {dirpath: ckpt, save_last: true, save_top_k: 0, every_n_train_steps: 2}
+    - class_path: lyra_pl.training.callbacks.ExportModel
 """
 
 
@@ -111,6 +112,79 @@ def test_stage2_cli_on_two_processes_shards_and_resumes(pipeline_run):
     assert "Restoring states from the checkpoint" in out or "Restored all states" in out
     meta = torch.load(last / "meta.pt", weights_only=False)
     assert meta["global_step"] == 6
+
+    # The distributed checkpoint of step 6 as a stage export: only the trained tensors read,
+    # equal to what the run exported at its end (after the same step 6).
+    from safetensors.torch import load_file
+
+    lyra_pl(["export", "--ckpt", str(last), "--out", "from_ckpt", "--format", "lyra"], cwd)
+    ended = cwd / "runs" / "dp" / "export"
+    files = ["speech_projector.safetensors", "sound_projector.safetensors",
+             "speech_generator.safetensors", "adapter_speech/adapter_model.safetensors",
+             "adapter_sound/adapter_model.safetensors"]
+    for name in files:
+        got, want = load_file(cwd / "from_ckpt" / name), load_file(ended / name)
+        assert sorted(got) == sorted(want), name
+        for key in want:
+            assert torch.equal(got[key], want[key]), (name, key)
+    assert json.loads((cwd / "from_ckpt" / "run.json").read_text())["global_step"] == 6
+
+
+def test_export_hf_loads_in_transformers_with_the_adapter_merged(pipeline_run, tmp_path):
+    """`lyra-pl export --format hf --merge speech` on the stage-2 run: transformers loads the
+    Qwen2-VL folder, and its text and text+image logits are ours with the speech adapter on;
+    the sound adapter loads as a peft adapter; the card lists the three stages and their final
+    metrics from MLflow."""
+    from PIL import Image
+    from peft import PeftModel
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLImageProcessorPil
+
+    from lyra_pl.eval.cli import build_module
+    from lyra_pl.model.inputs import LyraInputs
+
+    cwd, _ = pipeline_run
+    out = tmp_path / "hf"
+    lyra_pl(["export", "--ckpt", "runs/tiny/stage2_joint_sft", "--out", str(out),
+             "--merge", "speech"], cwd)
+    hf = Qwen2VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    module, _ = build_module(cwd / "runs/tiny/stage2_joint_sft/export", None, None, 4)
+    module.configure_model()
+    model = module.model.eval()
+    image = Image.new("RGB", (56, 56), (200, 40, 40))
+    enc = Qwen2VLImageProcessorPil.from_pretrained(out)(images=[image], return_tensors="pt")
+    grid = enc["image_grid_thw"]
+    img = model.config.image_token_id
+    ids = [5, 17, img, 30, 31, 32, 40]
+    n = int(grid.prod()) // 4  # tokens after the 2 x 2 merge
+    seq = ids[:2] + [img] * n + ids[3:]
+    types = [0, 0] + [1] * n + [0] * (len(ids) - 3)
+    with torch.no_grad():
+        ours = model(LyraInputs(torch.tensor([ids]), pixel_values=enc["pixel_values"],
+                                image_grid_thw=grid), adapters=["speech"],
+                     return_logits=True).logits[0]
+        theirs = hf(input_ids=torch.tensor([seq]), mm_token_type_ids=torch.tensor([types]),
+                    pixel_values=enc["pixel_values"], image_grid_thw=grid).logits[0]
+        text = torch.tensor([[5, 17, 30, 31, 32, 40]])
+        ours_text = model(LyraInputs(text), adapters=["speech"], return_logits=True).logits
+        theirs_text = hf(input_ids=text).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_text, theirs_text, rtol=1e-5, atol=1e-5)
+    assert (ours_text - model(LyraInputs(text), adapters=[], return_logits=True).logits
+            ).abs().max() > 1e-3  # the merge is not a no-op
+
+    AutoTokenizer.from_pretrained(out)
+    peft_model = PeftModel.from_pretrained(hf, out / "adapters" / "sound")
+    assert "sound" in str(peft_model.peft_config) or peft_model.peft_config
+    described = json.loads((out / "lyra.json").read_text())
+    assert described["qwen2vl"]["merged_adapter"] == "speech"
+    for part in ("speech_projector", "sound_projector", "speech_generator"):
+        assert (out / described[part]["path"]).is_file()
+    assert (out / "lyra" / "audio_encoder" / "config.json").is_file()
+    card = (out / "README.md").read_text()
+    order = [card.index(s) for s in ("BaseVLMStage", "SpeechAlignStage", "JointSFTStage")]
+    assert order == sorted(order)
+    assert "| train/loss |" in card and "| val/loss |" in card
 
 
 def test_eval_every_task_on_the_final_export(pipeline_run):

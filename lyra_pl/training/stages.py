@@ -76,6 +76,7 @@ from lyra_pl.training.parallelize import (data_parallel_mesh, materialize, paral
 
 
 BASE_FILE = "base.json"
+RUN_FILE = "run.json"  # what made an export (lyra_pl.export reads it)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -305,7 +306,33 @@ class LyraStage(L.LightningModule):
                     (("qwen2vl", self.qwen2vl), ("whisper", self.whisper)) if v is not None}
             if base:  # where the frozen weights came from, for `lyra-pl eval --ckpt`
                 (d / BASE_FILE).write_text(json.dumps(base, indent=2))
+            (d / RUN_FILE).write_text(json.dumps(self._run_record(), indent=2))
         return d
+
+    def _run_record(self) -> dict[str, Any]:
+        """What made this export, for ``lyra-pl export``'s model card: the stage, the export
+        it started from, the run folder, steps, data and the MLflow run that holds its
+        metrics."""
+        record: dict[str, Any] = {
+            "stage": type(self).__name__, "preset": self.preset,
+            "init_from": None if self.init_from is None else str(Path(self.init_from).resolve())}
+        if self._trainer is None:
+            return record
+        trainer = self.trainer
+        record.update(run_dir=str(Path(trainer.default_root_dir).resolve()),
+                      global_step=trainer.global_step, epochs=trainer.current_epoch)
+        paths = getattr(trainer.datamodule, "paths", None) or {}
+        data = {k: str(v) for k, v in paths.items() if v is not None}
+        if getattr(trainer.datamodule, "tokenizer", None):
+            data["tokenizer"] = str(trainer.datamodule.tokenizer)
+        if data:
+            record["data"] = data
+        for logger in trainer.loggers:  # our MLflow logger, by what it has
+            if hasattr(logger, "tracking_uri") and hasattr(logger, "run_id"):
+                record["mlflow"] = {"tracking_uri": logger.tracking_uri,
+                                    "experiment": getattr(logger, "experiment_name", None),
+                                    "run_id": logger.run_id}
+        return record
 
     @property
     def _writes_files(self) -> bool:
