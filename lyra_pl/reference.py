@@ -165,16 +165,25 @@ def select_tokens(
     keep_ratio: float,
     min_keep: int = 32,
 ) -> Tensor:
-    """Selection by a full stable sort (ties to the earlier token, NaN lowest)."""
+    """Selection by a full stable sort. Each sample's valid context tokens (the candidates)
+    rank first, by score descending with ties to the earlier token, -0.0 equal to +0.0, NaN
+    below every number (-inf included); every other token ranks strictly below them, so that
+    only candidates are ever among the k best."""
     candidates = context_mask & key_mask
-    ranked = torch.where(candidates, scores.double().nan_to_num(float("-inf")), float("-inf"))
-    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-    keep = key_mask & ~context_mask
-    for b in range(scores.shape[0]):
-        n = int(candidates[b].sum())
-        k = keep_count(n, keep_ratio, min_keep)
-        keep[b, order[b, :k]] = True
-    return keep
+    s = scores.double()
+    nan = s.isnan()
+    # Order within a class: by score (NaN and -0.0 set to values that sort like them), stably.
+    by_score = torch.where(nan, float("-inf"), torch.where(s == 0, 0.0, s))
+    order = torch.sort(by_score, dim=1, descending=True, stable=True).indices
+    # Then by class, stably: 2 a candidate with a number, 1 a candidate with NaN, 0 the rest.
+    rank_class = (candidates.long() * (2 - nan.long())).gather(1, order)
+    order = order.gather(1, torch.sort(rank_class, dim=1, descending=True, stable=True).indices)
+    counts = candidates.sum(1).tolist()
+    k = torch.tensor([keep_count(n, keep_ratio, min_keep) for n in counts], dtype=torch.long,
+                     device=scores.device)
+    best = torch.arange(scores.shape[1], device=scores.device) < k[:, None]  # k first ranks
+    chosen = torch.zeros_like(candidates).scatter_(1, order, best)
+    return (key_mask & ~context_mask) | chosen
 
 
 def prune_tokens(

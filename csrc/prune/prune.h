@@ -28,7 +28,9 @@ namespace lyra {
 // Element (b, h, n, d) of q is q[b*q_sb + h*q_sh + n*q_sn + d] (the head dim is contiguous);
 // likewise k, whose n runs over the N keys. query_index: (B, Tmax) row indices into q of each
 // sample's query rows; query_pos: (B, Tmax) their key positions, strictly ascending in [0, N)
-// (may be query_index itself). The first query_count[b] entries of each are valid.
+// (may be query_index itself). The first query_count[b] entries of each are valid (counts
+// above Tmax are clamped to it): Tmax is a capacity, and may exceed every count (the CUDA
+// glue passes Nq, so that it reads no count back).
 // key_mask: (B, N). scores: (B, N) output.
 // scalar_t/acc_t: (float, float) or (double, double).
 template <typename scalar_t, typename acc_t>
@@ -57,8 +59,27 @@ int context_scores_cuda(KernelDtype dtype, const void* q, int64_t q_sb, int64_t 
                         int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
                         double scale, void* scores, void* workspace, void* stream);
 
-// Bytes of device workspace context_scores_cuda needs (for the row log-sum-exps).
+// Bytes of device workspace context_scores_cuda needs (for the row log-sum-exps): for any
+// dtype (sized for double), or for `dtype` (4 bytes a row, 8 for kFloat64).
 int64_t context_scores_cuda_workspace(int64_t B, int64_t Hq, int64_t Tmax);
+int64_t context_scores_cuda_workspace(KernelDtype dtype, int64_t B, int64_t Hq, int64_t Tmax);
+
+// The tensor-core kernel (prune_tc_cuda.cu): the same contract and arguments as
+// context_scores_cuda for dtype kFloat16 / kBFloat16 and dh a multiple of 16 in [16, 256], on a
+// device of compute capability 8.0 or newer (mma.sync m16n8k16); cudaErrorInvalidValue for any
+// other dtype or dh. scores are float. Any alignment of q and k works (rows that start 16-byte
+// aligned load faster). Which kernel a call takes is decided in one place, the torch glue
+// (prune_op.cpp, use_tensor_cores).
+int context_scores_tc_cuda(KernelDtype dtype, const void* q, int64_t q_sb, int64_t q_sh,
+                           int64_t q_sn, const void* k, int64_t k_sb, int64_t k_sh, int64_t k_sn,
+                           const int64_t* query_index, const int64_t* query_pos,
+                           const int64_t* query_count, int64_t Tmax, const bool* key_mask,
+                           int64_t B, int64_t Hq, int64_t Hkv, int64_t N, int64_t dh, bool causal,
+                           double scale, void* scores, void* workspace, void* stream);
+
+// Bytes of device workspace context_scores_tc_cuda needs (per key split row statistics and the
+// row log-sum-exps).
+int64_t context_scores_tc_cuda_workspace(int64_t B, int64_t Hq, int64_t Tmax, int64_t N);
 
 // scores are float, or double when scores_are_double.
 int select_tokens_cuda(const void* scores, bool scores_are_double, const bool* context_mask,

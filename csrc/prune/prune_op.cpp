@@ -34,7 +34,8 @@ void check_keep(double keep_ratio, int64_t min_keep) {
 }
 
 // Each sample's query rows, left-aligned: their row indices into q (B, Tmax), their key
-// positions (B, Tmax) and their counts (B).
+// positions (B, Tmax) and their counts (B). Tmax is the row capacity the kernels size their
+// work by: at least every sample's count, which they read from `counts` on the device.
 struct QueryRows {
   at::Tensor index, pos, counts;
 };
@@ -61,11 +62,14 @@ struct QueryRows {
                     " follows position ", pos[b][t - 1].item<int64_t>(), ")");
 }
 
-// Without positions, row i of q is at key position i: index and pos are one tensor. With
-// them, pos gathers each query row's position and checks it, all in the one host read that
-// sizes Tmax.
+// Without positions, row i of q is at key position i: index and pos are one tensor, valid by
+// construction. Then, unless `exact` asks for the most rows of any sample as Tmax (one host
+// read), Tmax is Nq, the bound known without reading anything back: the CUDA FMA kernels run
+// with it and the op holds no host sync. With positions, pos gathers each query row's position
+// and checks it, in the one host read that also sizes Tmax exactly: the check must raise a
+// ValueError naming the sample, so it needs the host.
 QueryRows query_rows(const at::Tensor& query_mask, const std::optional<at::Tensor>& positions,
-                     int64_t N) {
+                     int64_t N, bool exact) {
   const int64_t Nq = query_mask.size(1);
   const at::Tensor counts = query_mask.sum(1).to(at::kLong).contiguous();
   // A stable sort of "not a query" puts the query rows first, in order.
@@ -73,7 +77,7 @@ QueryRows query_rows(const at::Tensor& query_mask, const std::optional<at::Tenso
                                                 std::optional<bool>(true), /*dim=*/1,
                                                 /*descending=*/false));
   if (!positions.has_value()) {
-    const int64_t Tmax = Nq == 0 ? 0 : counts.max().item<int64_t>();
+    const int64_t Tmax = !exact ? Nq : Nq == 0 ? 0 : counts.max().item<int64_t>();
     const at::Tensor index = order.narrow(1, 0, Tmax).contiguous();
     return {index, index, counts};
   }
@@ -89,6 +93,24 @@ QueryRows query_rows(const at::Tensor& query_mask, const std::optional<at::Tenso
   const int64_t Tmax = summary[0].item<int64_t>();
   return {order.narrow(1, 0, Tmax).contiguous(), pos.narrow(1, 0, Tmax).contiguous(), counts};
 }
+
+#ifdef LYRA_CUDA_BUILD
+// The one rule for which CUDA kernel scores q . k: the tensor-core kernel (prune_tc_cuda.cu) for
+// bfloat16 / float16 inputs whose head_dim is a multiple of 16 up to 256 (its mma.sync k16
+// steps and shared-memory tiles) on a device of compute capability 8.0 or newer (mma.sync
+// m16n8k16 with bf16 operands); the FMA kernel (prune_cuda.cu) for everything else: float32 and
+// float64 inputs, other head dims, older GPUs. Strides and alignment do not matter to either.
+bool use_tensor_cores(const at::Tensor& q, int64_t dh) {
+  const bool half = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  if (!half || dh % 16 != 0 || dh < 16 || dh > 256) return false;
+  int major = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
+  TORCH_CHECK(err == cudaSuccess, "context_scores: cannot read the compute capability of ",
+              q.device(), ": ", cudaGetErrorString(err));
+  return major >= 8;
+}
+#endif
 
 at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
                           const at::Tensor& query_mask_in, const at::Tensor& key_mask_in,
@@ -132,8 +154,22 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
   const auto out_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor scores = at::empty({B, N}, q.options().dtype(out_type));
   if (B == 0) return scores;
+#ifdef LYRA_CUDA_BUILD
+  const bool tensor_cores = use_tensor_cores(q, dh);
+  // Which kernels may run with Tmax = Nq, the row capacity known without a host read:
+  // - the FMA kernels: their workspace is one log-sum-exp per (b, h, row), 4 bytes (8 in fp64)
+  //   x B Hq Nq (15 MB at B = 1, Hq 28, Nq 2^17), and their first pass loops over the real
+  //   rows only, so no count is read back;
+  // - not the tensor-core kernel: it keeps 8-byte partial row statistics per 4096-key split
+  //   (B Hq Tmax N / 4096 of them: 0.94 GB at that shape with Tmax = Nq, 1.8 MB with the real
+  //   T = 256) and launches a pass-1 CTA per (split, head, 128-row tile), so it reads the most
+  //   rows of any sample back (one host sync).
+  const bool exact_rows = tensor_cores;
+#else
+  const bool exact_rows = true;  // host reads cost nothing on the CPU
+#endif
   // Before the N == 0 return, so that positions are checked even when there is no key.
-  const QueryRows rows = query_rows(query_mask_in, query_positions, N);
+  const QueryRows rows = query_rows(query_mask_in, query_positions, N, exact_rows);
   if (N == 0) return scores;
   const int64_t Tmax = rows.index.size(1);
 
@@ -143,15 +179,18 @@ at::Tensor context_scores(const at::Tensor& q_in, const at::Tensor& k_in,
                             : q.scalar_type() == at::kDouble ? KernelDtype::kFloat64
                             : q.scalar_type() == at::kHalf   ? KernelDtype::kFloat16
                                                              : KernelDtype::kBFloat16;
-  at::Tensor workspace =
-      at::empty({context_scores_cuda_workspace(B, Hq, Tmax)}, q.options().dtype(at::kByte));
-  const int err = context_scores_cuda(
+  const int64_t workspace_bytes = tensor_cores
+                                      ? context_scores_tc_cuda_workspace(B, Hq, Tmax, N)
+                                      : context_scores_cuda_workspace(dtype, B, Hq, Tmax);
+  at::Tensor workspace = at::empty({workspace_bytes}, q.options().dtype(at::kByte));
+  const auto launcher = tensor_cores ? &context_scores_tc_cuda : &context_scores_cuda;
+  const int err = launcher(
       dtype, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), k.data_ptr(), k.stride(0),
       k.stride(1), k.stride(2), rows.index.data_ptr<int64_t>(), rows.pos.data_ptr<int64_t>(),
       rows.counts.data_ptr<int64_t>(), Tmax, key_mask.data_ptr<bool>(), B, Hq, Hkv, N, dh, causal,
       scale, scores.data_ptr(), workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "context_scores CUDA kernel failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  TORCH_CHECK(err == 0, "context_scores CUDA kernel (", tensor_cores ? "tensor-core" : "FMA",
+              ") failed: ", cudaGetErrorString(static_cast<cudaError_t>(err)));
 #else
   // Half-precision inputs are upcast here; the CUDA kernel reads them directly.
   if (out_type != q.scalar_type()) {
