@@ -101,15 +101,24 @@ def test_the_two_references_agree(bandwidth):
     assert rel_err(v, av) < 1e-12 and rel_err(g, ag) < 1e-10
 
 
-def test_float32_long_sequence_accuracy():
-    """B=1, L=4500, S=1000: where every float32 peer loses the gradient (issue #2)."""
-    L, S = 4500, 1000
+# |dD float32 - dD float64| bound. Both backends pass each cell's E through its stored weights
+# normalized to sum 1 (CUDA divides by the sum, the CPU multiplies by 2 - sum, the same to
+# second order): E is then the visit probability of a Markov chain whose transitions sum to 1,
+# and the float32 rounding of the weights costs ~1.5e-8 whatever L + S. Unnormalized, E drifted
+# by ~1.2e-10 x (L + S): 6e-7 at L + S = 5500, 2.7e-6 at 21000.
+F32_GRAD_TOL = 2e-7
+
+
+@pytest.mark.parametrize("L,S", [(4500, 1000), (20000, 1000)])
+def test_float32_long_sequence_accuracy(device, L, S):
+    """Long sequences, where every float32 peer loses the gradient (issue #2): the bound
+    does not grow with L + S."""
     D32 = cost_matrix(1, L, S, seed=3).float()
     x, y = torch.tensor([L]), torch.tensor([S])
-    v32, g32 = value_and_grad(ops.soft_dtw, D32, x, y)
+    v32, g32 = value_and_grad(ops.soft_dtw, D32.to(device), x.to(device), y.to(device))
     v64, g64 = analytic(D32, x, y)  # float64 on the same (float32-representable) costs
-    assert rel_err(v32, v64) < 1e-5
-    assert (g32.double() - g64).abs().max().item() < 1e-4
+    assert rel_err(v32.cpu(), v64) < 1e-5
+    assert (g32.cpu().double() - g64).abs().max().item() < F32_GRAD_TOL
     assert g64.abs().max() > 0.5  # the alignment path carries real gradient mass
 
 
@@ -163,6 +172,121 @@ def test_samples_split_into_stripes_across_threads(B):
             assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("bandwidth", [None, 0, 2])
+def test_nan_where_the_smallest_predecessor_is_inf(device, bandwidth):
+    """A NaN cost whose successors' other predecessors are +inf (row 0, column 0, the band's
+    edges, band 0): R and all three weights of those cells are NaN on every backend (issue 16:
+    CUDA stored weight 0 there), so dD is NaN exactly where the float64 autograd reference
+    has NaN. Samples fill D (padding would add NaN at the reference's invalid cells)."""
+    designs = {  # (L, S): NaN cost cells
+        None: [((1, 7), [(0, 2)]), ((7, 1), [(3, 0)]), ((6, 6), [(0, 0)]), ((6, 6), [(5, 5)])],
+        0: [((6, 6), [(2, 2)]), ((1, 1), [(0, 0)])],
+        2: [((8, 8), [(0, 0)]), ((8, 7), [(0, 2)]), ((7, 8), [(3, 1), (6, 7)])],
+    }[bandwidth]
+    for (L, S), cells in designs:
+        D = cost_matrix(2, L, S, seed=L * 10 + S)
+        for i, j in cells:
+            D[0, i, j] = float("nan")
+        x, y = torch.tensor([L, L]), torch.tensor([S, S])
+        v, g = value_and_grad(ops.soft_dtw, D.to(device), x.to(device), y.to(device), bandwidth=bandwidth)
+        rv, rg = value_and_grad(reference.soft_dtw, D, x, y, bandwidth=bandwidth)
+        v, g = v.cpu(), g.cpu()
+        assert torch.equal(v.isnan(), rv.isnan()) and torch.isnan(v[0]) and torch.isfinite(v[1])
+        assert torch.equal(g.isnan(), rg.isnan()), (L, S, cells)
+        finite = ~rg.isnan()
+        assert (g[finite] - rg[finite]).abs().max() < 1e-10
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_weights_and_gradients_match_cpu(dtype):
+    """Both backends write the same weight layout (soft_dtw.h) and the same NaN semantics: the
+    CUDA weights equal the CPU's, NaN where the CPU's are (NaN costs beside +inf predecessors
+    included), and so do values and gradients."""
+    D = cost_matrix(4, 12, 10, dtype=dtype, seed=9)
+    D[0, 0, 3] = D[1, 5, 0] = D[2, 0, 0] = float("nan")
+    x, y = torch.tensor([12, 9, 10, 12]), torch.tensor([10, 10, 9, 10])
+    # float32: the CPU computes the soft-min terms in float32, CUDA in float64.
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+
+    def close(a, b):  # same NaN, and within tol relative to the largest entry
+        return torch.equal(a.isnan(), b.isnan()) and rel_err(a.nan_to_num(), b.nan_to_num()) < tol
+
+    grad = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=dtype)
+    for bandwidth in (-1, 2):
+        v, w = torch.ops.lyra.soft_dtw_forward(D, x, y, 0.3, bandwidth, True)
+        vc, wc = torch.ops.lyra.soft_dtw_forward(D.cuda(), x.cuda(), y.cuda(), 0.3, bandwidth, True)
+        assert close(vc.cpu(), v) and close(wc.cpu(), w)
+        dD = torch.ops.lyra.soft_dtw_backward(grad, w, x, y, bandwidth)
+        dDc = torch.ops.lyra.soft_dtw_backward(grad.cuda(), wc, x.cuda(), y.cuda(), bandwidth)
+        assert close(dDc.cpu(), dD)
+
+
+def test_huge_bandwidth_is_no_band(device):
+    """A band of Lmax + Smax or more, up to 2^63 - 1, excludes nothing: the same values and
+    gradients as no band (issue 16: such a band overflowed d + bandwidth in the kernels)."""
+    D = cost_matrix(3, 9, 7, device=device, seed=12)
+    x, y = torch.tensor([9, 4, 1], device=device), torch.tensor([7, 7, 2], device=device)
+    v, g = value_and_grad(ops.soft_dtw, D, x, y)
+    for bandwidth in (16, 2**31 - 2, 2**31 - 1, 2**63 - 1):
+        vb, gb = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
+        assert torch.equal(v, vb) and torch.equal(g, gb)
+
+
+def test_past_2_31_elements(device):
+    """B x Lmax x Smax > 2^31 (int64 offsets): 2049 samples of 1024 x 1024 cells, float32. Most
+    samples are 1 x 1; four of full or odd size, the last two past element 2^31, are checked
+    against the same op on their own slices, where offsets are small. CPU: the value only, from a
+    D whose untouched pages are never read (torch.empty does not write them), so it needs ~50 MB
+    of memory; CUDA: value and gradient, 44 GB of device memory (skipped with less)."""
+    B, L, S = 2049, 1024, 1024
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        if free < 44e9:
+            pytest.skip(f"needs 44 GB of free device memory, {free / 1e9:.1f} GB free")
+    try:
+        D = torch.empty(B, L, S, dtype=torch.float32, device=device)
+    except RuntimeError as e:  # a CPU machine that does not overcommit memory
+        pytest.skip(f"cannot reserve 8.6 GB for D: {e}")
+    D[:, 0, 0] = 1.0
+    x, y = torch.ones(B, dtype=torch.long), torch.ones(B, dtype=torch.long)
+    checked = {0: (1024, 1024), 1500: (300, 1000), 2047: (1024, 9), 2048: (517, 1024)}
+    for b, (lb, sb) in checked.items():
+        D[b, :lb, :sb] = cost_matrix(1, lb, sb, seed=b)[0].float().to(device)
+        x[b], y[b] = lb, sb
+    x, y = x.to(device), y.to(device)
+    grad = device.type == "cuda"
+    with torch.set_grad_enabled(grad):
+        v = ops.soft_dtw(D.requires_grad_(grad), x, y)
+        g = torch.autograd.grad(v.sum(), D)[0] if grad else None
+    # Each checked sample equals the same op on its own slice (small offsets), bit for bit: a
+    # cell's arithmetic does not depend on where the sample sits in the batch.
+    for b, (lb, sb) in checked.items():
+        one = D[b : b + 1, :lb, :sb].detach().contiguous()
+        with torch.set_grad_enabled(grad):
+            vb = ops.soft_dtw(one.requires_grad_(grad), x[b : b + 1], y[b : b + 1])
+        assert torch.equal(v[b : b + 1].detach(), vb.detach())
+        if grad:
+            assert torch.equal(g[b, :lb, :sb], torch.autograd.grad(vb.sum(), one)[0][0])
+            assert not g[b, lb:].any() and not g[b, :, sb:].any()
+    assert torch.equal(v[1:1500].detach().cpu(), torch.ones(1499))  # 1 x 1 samples: their cost
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_global_scratch_past_shared_memory():
+    """Three live diagonals of min(Lmax, Smax) doubles past the device's opt-in shared memory per
+    block (9,686 on an H100): the kernels keep them in the workspace instead, reached by size
+    rather than forced (LYRA_SOFT_DTW_GLOBAL_SCRATCH). A narrow band keeps the work small;
+    against the CPU backend, float64."""
+    props = torch.cuda.get_device_properties(0)
+    n = getattr(props, "shared_memory_per_block_optin", 232448) // 24 + 1
+    D = torch.rand(2, n, n, generator=torch.Generator().manual_seed(13), dtype=torch.float64) * 4
+    x, y = torch.tensor([n, 70]), torch.tensor([n - 25, 61])
+    v, g = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=40)
+    vc, gc = value_and_grad(ops.soft_dtw, D.cuda(), x.cuda(), y.cuda(), bandwidth=40)
+    assert rel_err(vc.cpu(), v) < 1e-12 and rel_err(gc.cpu(), g) < 1e-10
 
 
 def test_value_without_stored_weights(device):

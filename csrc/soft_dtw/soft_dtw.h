@@ -22,14 +22,16 @@ namespace lyra {
 enum SoftDtwPred : int { kDiag = 0, kUp = 1, kLeft = 2 };
 
 // D:        (B, Lmax, Smax), contiguous.
-// bandwidth: < 0 for no band; else cells with |i - j| > bandwidth (0-based) are excluded.
+// bandwidth: < 0 for no band; else cells with |i - j| > bandwidth (0-based) are excluded. A band
+//           of Lmax + Smax or more excludes nothing and is taken as no band.
 // value:    (B) output.
 // weights:  (B, Lmax, Smax, 3) elements of output, or nullptr when no backward will follow.
-//           The layout inside a sample's slab is the backend's own (only its backward reads
-//           it), but every element is written, so the output is deterministic:
-//           CUDA: natural (i, j, pred) order, zero outside the valid cells and the band;
-//           CPU: three planes of Lmax*Smax (diag, up, left), each holding the valid cells
-//           packed diagonal by diagonal (rows ascending), then zeros.
+//           Only the backend's own backward reads them, but both backends write the same
+//           layout, every element of it, so the output is deterministic: per sample, three
+//           planes of Lmax*Smax (diag, up, left), each holding the valid cells (inside the
+//           sample and the band) packed diagonal by diagonal (d = i + j ascending, rows
+//           ascending within a diagonal), then zeros.
+//           A cell with a NaN predecessor has R and all three weights NaN.
 // The recursion state is double whatever scalar_t is.
 template <typename scalar_t, typename weight_t>
 void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
@@ -44,18 +46,25 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
                            int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
                            int num_threads);
 
-// CUDA launchers: same contracts, device pointers, `stream` is a cudaStream_t.
-// scalar_t/weight_t: (float, float) or (double, double). Return a cudaError_t value (0 = ok).
+// CUDA launchers: same contracts, device pointers, `stream` is a cudaStream_t, `workspace` a
+// device buffer of soft_dtw_cuda_workspace(B, Lmax, Smax) bytes (the live diagonals of each
+// sample when they do not fit in shared memory; the torch glue takes it from PyTorch's caching
+// allocator). scalar_t/weight_t: (float, float) or (double, double). Return a cudaError_t
+// value (0 = ok); nothing is written when the sizes are out of range (cudaErrorInvalidValue).
+// The backward divides each cell's three weights by their sum before use, so float32 weights
+// cost ~1e-8 of dD whatever L + S (soft_dtw_cuda.cu).
 template <typename scalar_t, typename weight_t>
 int soft_dtw_forward_cuda(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
                           int64_t B, int64_t Lmax, int64_t Smax, double gamma,
                           int64_t bandwidth, scalar_t* value, weight_t* weights,
-                          void* stream);
+                          void* workspace, void* stream);
 
 template <typename scalar_t, typename weight_t>
 int soft_dtw_backward_cuda(const scalar_t* grad, const weight_t* weights,
                            const int64_t* x_len, const int64_t* y_len, int64_t B,
                            int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
-                           void* stream);
+                           void* workspace, void* stream);
+
+int64_t soft_dtw_cuda_workspace(int64_t B, int64_t Lmax, int64_t Smax);
 
 }  // namespace lyra

@@ -54,7 +54,7 @@ struct DiagRange {
 inline DiagRange diag_range(int64_t k, int64_t L, int64_t S, int64_t bandwidth) {
   int64_t lo = std::max<int64_t>(1, k - S);
   int64_t hi = std::min<int64_t>(L, k - 1);
-  if (bandwidth >= 0) {  // |i - j| = |2i - k| <= bandwidth
+  if (bandwidth >= 0 && bandwidth < L + S) {  // |i - j| = |2i - k| <= bandwidth; wider: none
     lo = std::max<int64_t>(lo, (k - bandwidth + 1) / 2);
     hi = std::min<int64_t>(hi, (k + bandwidth) / 2);
   }
@@ -157,9 +157,15 @@ LYRA_SIMD_CLONES void backward_cells(DiagRange r, int64_t first_row,
   for (int64_t i = r.lo; i <= r.hi; ++i) {
     const double ei = up1[i + 1] + left1[i] + diag2[i + 1];
     e[i] = ei;
-    up0[i] = ei * static_cast<double>(wu[i - first_row]);
-    left0[i] = ei * static_cast<double>(wl[i - first_row]);
-    diag0[i] = ei * static_cast<double>(wd[i - first_row]);
+    // The three weights sum to 1 but their float32 roundings do not (a weight just below 1
+    // rounds up to 1): unnormalized, E would drift by up to (L + S) x 6e-8. Passing E times
+    // (2 - sum) passes E / sum to second order (sum - 1 is ~1e-7), without a division. A
+    // cell whose weights are all 0 is unreachable and has E = 0; NaN weights stay NaN.
+    const double u = wu[i - first_row], l = wl[i - first_row], d = wd[i - first_row];
+    const double pass = ei * (2.0 - (u + l + d));
+    up0[i] = pass * u;
+    left0[i] = pass * l;
+    diag0[i] = pass * d;
   }
 }
 

@@ -29,6 +29,14 @@ void check_band(const at::Tensor& x_host, const at::Tensor& y_host, int64_t band
   }
 }
 
+#ifdef LYRA_CUDA_BUILD
+// The launchers' scratch (live diagonals that do not fit in shared memory), from PyTorch's
+// caching allocator on `like`'s device: stream-ordered with the kernels, no cudaMalloc.
+at::Tensor cuda_workspace(int64_t B, int64_t Lmax, int64_t Smax, const at::Tensor& like) {
+  return at::empty({soft_dtw_cuda_workspace(B, Lmax, Smax)}, like.options().dtype(at::kByte));
+}
+#endif
+
 void check_D(const at::Tensor& D) {
   check_dim(D, 3, "D", "(B, Lmax, Smax)");
   TORCH_CHECK_TYPE(D.scalar_type() == at::kFloat || D.scalar_type() == at::kDouble,
@@ -46,7 +54,9 @@ std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
   TORCH_CHECK_VALUE(gamma > 0 && std::isfinite(gamma), "gamma must be a finite number > 0, got ",
                     gamma);
   const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
-  if (bandwidth >= Lmax + Smax) bandwidth = -1;  // a band wider than the matrix is no band
+  // A band wider than the matrix is no band (the launchers take it so too; normalizing here
+  // keeps check_band from testing a band that does not exist).
+  if (bandwidth >= Lmax + Smax) bandwidth = -1;
   auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
   auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
   check_band(x_host, y_host, bandwidth);
@@ -58,9 +68,10 @@ std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
     scalar_t* w = store_weights ? weights.data_ptr<scalar_t>() : nullptr;
 #ifdef LYRA_CUDA_BUILD
     const c10::cuda::CUDAGuard guard(D.device());
+    const at::Tensor workspace = cuda_workspace(B, Lmax, Smax, D);
     const int err = soft_dtw_forward_cuda<scalar_t, scalar_t>(
         D.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(), y_len.data_ptr<int64_t>(), B, Lmax,
-        Smax, gamma, bandwidth, value.data_ptr<scalar_t>(), w,
+        Smax, gamma, bandwidth, value.data_ptr<scalar_t>(), w, workspace.data_ptr(),
         c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, "soft_dtw_forward CUDA kernel failed: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
@@ -97,10 +108,11 @@ at::Tensor soft_dtw_backward(const at::Tensor& grad_in, const at::Tensor& weight
   AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "soft_dtw_backward", [&] {
 #ifdef LYRA_CUDA_BUILD
     const c10::cuda::CUDAGuard guard(weights.device());
+    const at::Tensor workspace = cuda_workspace(B, Lmax, Smax, weights);
     const int err = soft_dtw_backward_cuda<scalar_t, scalar_t>(
         grad.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(),
         y_len.data_ptr<int64_t>(), B, Lmax, Smax, bandwidth, dD.data_ptr<scalar_t>(),
-        c10::cuda::getCurrentCUDAStream().stream());
+        workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == 0, "soft_dtw_backward CUDA kernel failed: ",
                 cudaGetErrorString(static_cast<cudaError_t>(err)));
 #else

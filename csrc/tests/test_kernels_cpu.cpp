@@ -1,10 +1,14 @@
 // Standalone test and timing driver of the CPU kernels (no torch): run by ctest.
 // Compares the kernels with plain double-precision loops on random variable-length inputs,
 // then prints a few timings. Exit code 0 = all checks passed.
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -103,6 +107,182 @@ void check_soft_dtw(int64_t B, int64_t Lmax, int64_t Smax, int64_t band, std::mt
                 sizeof(T) == 8 ? "f64" : "f32", (long long)B, (long long)Lmax, (long long)Smax,
                 (long long)band);
   expect(grad_err < tol_grad, what, grad_err);
+}
+
+// Forward (value, weights) and backward (dD, grad 1) of the CPU kernels on one batch.
+template <typename T>
+struct CpuDtw {
+  std::vector<T> value, weights, dD;
+  CpuDtw(const std::vector<T>& D, const std::vector<int64_t>& xl, const std::vector<int64_t>& yl,
+         int64_t Lmax, int64_t Smax, double gamma, int64_t band)
+      : value(xl.size()), weights(xl.size() * Lmax * Smax * 3), dD(xl.size() * Lmax * Smax) {
+    const int64_t B = static_cast<int64_t>(xl.size());
+    const std::vector<T> grad(B, T(1));
+    lyra::soft_dtw_forward_cpu<T, T>(D.data(), xl.data(), yl.data(), B, Lmax, Smax, gamma, band,
+                                     value.data(), weights.data(), 2);
+    lyra::soft_dtw_backward_cpu<T, T>(grad.data(), weights.data(), xl.data(), yl.data(), B, Lmax,
+                                      Smax, band, dD.data(), 2);
+  }
+};
+
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// A band of Lmax + Smax or more excludes nothing: up to INT64_MAX it must give the outputs of
+// no band, bit for bit, without overflowing k + bandwidth (issue 16).
+void check_huge_bandwidth(std::mt19937_64& rng) {
+  const int64_t Lmax = 23, Smax = 17;
+  std::uniform_real_distribution<double> u(0.0, 4.0);
+  std::vector<double> D(3 * Lmax * Smax);
+  for (auto& x : D) x = u(rng);
+  const std::vector<int64_t> xl = {23, 5, 1}, yl = {17, 17, 2};
+  const CpuDtw<double> none(D, xl, yl, Lmax, Smax, 0.3, -1);
+  for (int64_t band : {Lmax + Smax, int64_t(INT_MAX) - 1, std::numeric_limits<int64_t>::max()}) {
+    const CpuDtw<double> out(D, xl, yl, Lmax, Smax, 0.3, band);
+    char what[128];
+    std::snprintf(what, sizeof what, "soft_dtw band=%lld: the outputs of no band", (long long)band);
+    const bool same = same_bits(out.value, none.value) && same_bits(out.weights, none.weights) &&
+                      same_bits(out.dD, none.dD);
+    expect(same, what, same ? 0.0 : 1.0);
+  }
+}
+
+// NaN semantics of soft_dtw.h, written out: a cell with a NaN predecessor has R and all three
+// weights NaN, also where its smallest predecessor is +inf (row 0, column 0, the band's edges),
+// and E[i,j] sums (weight towards (i, j)) * E over the successors in the sample and the band.
+// Returns W (L, S, 3) and E (L, S) of one sample.
+void nan_aware_reference(const std::vector<double>& D, int64_t Smax, int64_t L, int64_t S,
+                         int64_t band, double gamma, std::vector<double>& W,
+                         std::vector<double>& E) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  auto in_band = [&](int64_t i, int64_t j) { return band < 0 || std::llabs(i - j) <= band; };
+  std::vector<double> R((L + 1) * (S + 1), inf);
+  R[0] = 0.0;
+  W.assign(L * S * 3, 0.0);
+  for (int64_t i = 1; i <= L; ++i) {
+    for (int64_t j = 1; j <= S; ++j) {
+      if (!in_band(i - 1, j - 1)) continue;
+      const double p[3] = {R[(i - 1) * (S + 1) + j - 1], R[(i - 1) * (S + 1) + j],
+                           R[i * (S + 1) + j - 1]};
+      double* w = &W[((i - 1) * S + (j - 1)) * 3];
+      if (std::isnan(p[0] + p[1] + p[2])) {
+        R[i * (S + 1) + j] = w[0] = w[1] = w[2] = nan;
+        continue;
+      }
+      const double m = std::min({p[0], p[1], p[2]});
+      double e[3], sum = 0.0;
+      for (int k = 0; k < 3; ++k) sum += e[k] = p[k] == inf ? 0.0 : std::exp((m - p[k]) / gamma);
+      R[i * (S + 1) + j] = D[(i - 1) * Smax + (j - 1)] + m - gamma * std::log(sum);
+      for (int k = 0; k < 3; ++k) w[k] = e[k] / sum;
+    }
+  }
+  E.assign(L * S, 0.0);
+  auto w = [&](int64_t i, int64_t j, int k) { return W[(i * S + j) * 3 + k]; };
+  for (int64_t i = L - 1; i >= 0; --i) {
+    for (int64_t j = S - 1; j >= 0; --j) {
+      if (!in_band(i, j)) continue;
+      double e = i == L - 1 && j == S - 1 ? 1.0 : 0.0;
+      if (i + 1 < L && j + 1 < S) e += w(i + 1, j + 1, lyra::kDiag) * E[(i + 1) * S + j + 1];
+      if (i + 1 < L && in_band(i + 1, j)) e += w(i + 1, j, lyra::kUp) * E[(i + 1) * S + j];
+      if (j + 1 < S && in_band(i, j + 1)) e += w(i, j + 1, lyra::kLeft) * E[i * S + j + 1];
+      E[i * S + j] = e;
+    }
+  }
+}
+
+// |a - b|, NaN against NaN counting as equal and NaN against a number as infinitely far.
+double nan_aware_diff(double a, double b) {
+  if (std::isnan(a) || std::isnan(b)) {
+    return std::isnan(a) && std::isnan(b) ? 0.0 : std::numeric_limits<double>::infinity();
+  }
+  return std::fabs(a - b);
+}
+
+// NaN costs beside +inf predecessors (issue 16): the CPU's weights and dD against the written-out
+// semantics, NaN exactly where it has NaN. The weights are read through the layout of
+// soft_dtw.h (valid cells packed diagonal by diagonal, rows ascending, in three planes).
+void check_nan_semantics() {
+  struct Design {
+    int64_t L, S, band;
+    std::vector<std::pair<int64_t, int64_t>> nan_cells;
+  };
+  const std::vector<Design> designs = {
+      {1, 7, -1, {{0, 2}}},  {7, 1, -1, {{3, 0}}},  {6, 6, -1, {{0, 0}}}, {6, 6, -1, {{5, 5}}},
+      {6, 6, 0, {{2, 2}}},   {8, 8, 2, {{0, 0}}},   {8, 7, 2, {{0, 2}}},  {7, 8, 2, {{3, 1}, {6, 7}}},
+      {9, 9, 3, {{4, 7}}},
+  };
+  std::mt19937_64 rng(99);
+  std::uniform_real_distribution<double> u(0.0, 4.0);
+  double weight_err = 0, grad_err = 0;
+  for (const Design& d : designs) {
+    std::vector<double> D(d.L * d.S);
+    for (auto& x : D) x = u(rng);
+    for (const auto& [i, j] : d.nan_cells) D[i * d.S + j] = std::numeric_limits<double>::quiet_NaN();
+    const CpuDtw<double> out(D, {d.L}, {d.S}, d.L, d.S, 0.2, d.band);
+    std::vector<double> W, E;
+    nan_aware_reference(D, d.S, d.L, d.S, d.band, 0.2, W, E);
+    const int64_t plane = d.L * d.S;
+    int64_t p = 0;
+    for (int64_t k = 0; k <= d.L + d.S - 2; ++k) {
+      for (int64_t i = std::max<int64_t>(0, k - (d.S - 1)); i <= std::min(k, d.L - 1); ++i) {
+        const int64_t j = k - i;
+        if (d.band >= 0 && std::llabs(i - j) > d.band) continue;
+        for (int q = 0; q < 3; ++q)
+          weight_err = std::max(weight_err, nan_aware_diff(out.weights[q * plane + p], W[(i * d.S + j) * 3 + q]));
+        ++p;
+      }
+    }
+    for (int64_t c = 0; c < plane; ++c) grad_err = std::max(grad_err, nan_aware_diff(out.dD[c], E[c]));
+  }
+  expect(weight_err < 1e-12, "soft_dtw NaN beside +inf predecessors: weights NaN as specified", weight_err);
+  expect(grad_err < 1e-12, "soft_dtw NaN beside +inf predecessors: dD NaN as specified", grad_err);
+}
+
+// B x Lmax x Smax > 2^31 elements of D (int64 offsets), forward, value only. D is mapped without
+// reserving memory: the kernel reads only the valid cells, so only the pages of the few checked
+// samples (and the first cell of each 1 x 1 sample) are ever touched, ~20 MB. Each checked
+// sample, the last ones past element 2^31, must equal the same call on its own slice.
+void check_past_int32_offsets(std::mt19937_64& rng) {
+  const int64_t B = 2049, Lmax = 1024, Smax = 1024, plane = Lmax * Smax;
+  const size_t bytes = size_t(B * plane) * sizeof(float);
+  void* map = mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (map == MAP_FAILED) {
+    std::printf("  soft_dtw past 2^31 elements: skipped (no %.1f GB mapping)\n", bytes / 1e9);
+    return;
+  }
+  float* D = static_cast<float*>(map);
+  std::vector<int64_t> xl(B, 1), yl(B, 1);
+  for (int64_t b = 0; b < B; ++b) D[b * plane] = 1.0f;
+  const std::pair<int64_t, std::pair<int64_t, int64_t>> checked[] = {
+      {0, {1024, 1024}}, {1500, {300, 1000}}, {2047, {1024, 9}}, {2048, {517, 1024}}};
+  std::uniform_real_distribution<float> u(0.0f, 4.0f);
+  for (const auto& [b, len] : checked) {
+    xl[b] = len.first;
+    yl[b] = len.second;
+    for (int64_t i = 0; i < len.first; ++i)
+      for (int64_t j = 0; j < len.second; ++j) D[b * plane + i * Smax + j] = u(rng);
+  }
+  std::vector<float> value(B);
+  lyra::soft_dtw_forward_cpu<float, float>(D, xl.data(), yl.data(), B, Lmax, Smax, 0.1, -1,
+                                           value.data(), nullptr, 2);
+  int64_t wrong = 0;
+  for (const auto& [b, len] : checked) {
+    const auto [L, S] = len;
+    std::vector<float> slice(L * S);
+    for (int64_t i = 0; i < L; ++i)
+      std::copy_n(D + b * plane + i * Smax, S, slice.begin() + i * S);
+    float one = 0;
+    lyra::soft_dtw_forward_cpu<float, float>(slice.data(), &xl[b], &yl[b], 1, L, S, 0.1, -1, &one,
+                                             nullptr, 2);
+    wrong += std::memcmp(&one, &value[b], sizeof(float)) != 0;
+  }
+  for (int64_t b = 1; b < 1500; ++b) wrong += value[b] != 1.0f;  // 1 x 1 samples: their cost
+  munmap(map, bytes);
+  expect(wrong == 0, "soft_dtw B*Lmax*Smax > 2^31: samples past 2^31 == own slice", double(wrong));
 }
 
 // context_scores of one layout against a direct softmax per query row: q (B, Hq, Nq, dh)
@@ -316,6 +496,9 @@ int main() {
   check_soft_dtw<double>(3, 1, 9, -1, rng, 1e-12, 1e-10);
   check_soft_dtw<double>(3, 9, 1, -1, rng, 1e-12, 1e-10);
   check_soft_dtw<double>(1, 700, 600, -1, rng, 1e-12, 1e-9);  // diagonals split across threads
+  check_huge_bandwidth(rng);
+  check_nan_semantics();
+  check_past_int32_offsets(rng);
   check_pruning(rng);
   check_keep_count();
   std::printf("timings (median of 5)\n");
