@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lyra_pl import ops, reference
+from lyra_pl import _extension, ops, reference
 from conftest import rel_err
 
 
@@ -419,3 +419,34 @@ def test_mixed_devices_rejected():
     D = torch.rand(2, 4, 3, device="cuda")
     with pytest.raises(ValueError, match="x_lengths is on cpu but D is on cuda"):
         ops.soft_dtw(D, torch.tensor([4, 2]), torch.tensor([3, 3], device="cuda"))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _extension.HAS_CUDA_OPS),
+                    reason="needs a GPU and the CUDA extension")
+def test_cuda_edge_batch_on_a_side_stream_after_a_long_producer():
+    """The edge batch (1 x 1, 1 x S, L x 1, S > L, |L - S| = band, band 0, lengths below
+    Lmax / Smax) in float64 against the CPU op, plus gradcheck, run on a non-default stream
+    right after a long-running kernel that produces D there: a launch on another stream would
+    read D before it is written (.ci/gpu a, issue 16 (iii))."""
+    lengths = [(1, 1), (1, 9), (9, 1), (5, 9), (9, 9), (7, 4), (3, 3)]
+    B, Lmax, Smax = len(lengths), 9, 9
+    x = torch.tensor([a for a, _ in lengths])
+    y = torch.tensor([b for _, b in lengths])
+    want_cpu = cost_matrix(B, Lmax, Smax, seed=11)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        slow = torch.randn(4096, 4096, device="cuda", dtype=torch.float64)
+        for _ in range(8):  # tens of milliseconds of work queued ahead of D
+            slow = torch.tanh(slow @ slow.T / 4096)
+        D = want_cpu.cuda() + 0.0 * slow[:B * Lmax * Smax].view(B, Lmax, Smax)
+        for bandwidth in (None, 5, 0):
+            xb, yb = x, y
+            if bandwidth is not None:  # lengths the band can join: |L - S| <= band
+                yb = torch.minimum(torch.maximum(y, x - bandwidth), x + bandwidth).clamp(min=1)
+            got = value_and_grad(ops.soft_dtw, D, xb.cuda(), yb.cuda(), bandwidth=bandwidth)
+            want = value_and_grad(ops.soft_dtw, want_cpu, xb, yb, bandwidth=bandwidth)
+            torch.cuda.current_stream().synchronize()
+            assert rel_err(got[0].cpu(), want[0]) < 1e-12 and rel_err(got[1].cpu(), want[1]) < 1e-10
+        D = D.detach().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda d: ops.soft_dtw(d, x.cuda(), y.cuda(), gamma=0.5), (D,), eps=1e-6, atol=1e-6)

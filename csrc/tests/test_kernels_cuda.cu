@@ -43,6 +43,14 @@ using lyra::KernelDtype;
 const double kInf = std::numeric_limits<double>::infinity();
 int g_failures = 0;
 cudaStream_t g_stream = nullptr;
+// LYRA_CUDA_TEST_SMALL=1: only cases of at most ~1M elements, for compute-sanitizer, which
+// runs kernels 10-100x slower (bash .ci/gpu a runs racecheck, synccheck, initcheck, memcheck).
+bool g_small = false;
+bool too_big_for_small(int64_t elements, const std::string& name) {
+  if (!g_small || elements <= (int64_t(1) << 20)) return false;
+  std::printf("  %s: skipped (LYRA_CUDA_TEST_SMALL)\n", name.c_str());
+  return true;
+}
 
 // worst = max(worst, e), where a NaN error counts as infinitely bad (std::max would drop it).
 void track(double& worst, double e) { worst = std::isnan(e) ? kInf : std::max(worst, e); }
@@ -254,6 +262,7 @@ std::vector<T> random_costs(const DtwCase& c, std::mt19937_64& rng) {
 
 template <typename T>
 void run_soft_dtw_case(const DtwCase& c, std::mt19937_64& rng) {
+  if (too_big_for_small(int64_t(c.lengths.size()) * c.Lmax * c.Smax, c.name)) return;
   const bool is_double = sizeof(T) == 8;
   std::printf("soft_dtw %s [%s]\n", c.name.c_str(), is_double ? "float64" : "float32");
   const int64_t B = static_cast<int64_t>(c.lengths.size()), Lmax = c.Lmax, Smax = c.Smax;
@@ -356,6 +365,7 @@ void run_huge_band_case(std::mt19937_64& rng) {
 void run_soft_dtw_past_int32_case(std::mt19937_64& rng) {
   using T = float;
   const int64_t B = 2049, Lmax = 1024, Smax = 1024, plane = Lmax * Smax;
+  if (too_big_for_small(B * plane, "past 2^31 elements")) return;
   const int64_t elements = B * plane;
   const size_t need = size_t(elements) * sizeof(T) * 5 + (size_t(1) << 30);
   size_t free_bytes = 0, total_bytes = 0;
@@ -582,6 +592,7 @@ struct ScoreCase {
 
 template <typename in_t, typename acc_t>
 void run_scores_case(const ScoreCase& c, std::mt19937_64& rng) {
+  if (too_big_for_small(c.B * c.Hq * c.N * c.dh, c.name)) return;
   std::printf("context_scores %s\n", c.name.c_str());
   const int64_t B = c.B, Hq = c.Hq, Hkv = c.Hkv, N = c.N, dh = c.dh, Tmax = c.Tmax;
   const double scale = 2.0 / std::sqrt(double(dh));  // sharper than usual: tests large logits
@@ -710,6 +721,7 @@ struct TcCase {
 // the double reference, and against itself (two runs give the same bits).
 template <typename in_t>
 void run_tc_case(const TcCase& c, std::mt19937_64& rng) {
+  if (too_big_for_small(c.B * c.Hkv * c.G * c.N * c.dh, c.name)) return;
   constexpr KernelDtype kDtype = Element<in_t>::kDtype;
   std::printf("context_scores tensor cores [%s] %s\n",
               kDtype == KernelDtype::kBFloat16 ? "bf16" : "fp16", c.name.c_str());
@@ -952,6 +964,8 @@ int main() {
     std::printf("no CUDA device: skipped\n");
     return 77;
   }
+  const char* small = std::getenv("LYRA_CUDA_TEST_SMALL");
+  g_small = small != nullptr && std::string(small) == "1";
   CHECK_CUDA(cudaStreamCreateWithFlags(&g_stream, cudaStreamNonBlocking));
   std::mt19937_64 rng(1234);
   run_soft_dtw_tests(rng);
