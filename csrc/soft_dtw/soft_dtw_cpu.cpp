@@ -18,9 +18,11 @@
 #include "soft_dtw.h"
 
 #include <pthread.h>
+#include <time.h>
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -212,6 +214,13 @@ class Progress {
   std::condition_variable cv_;
 };
 
+// CPU time the calling thread has run (not the time it waited for a core or slept).
+inline int64_t thread_cpu_ns() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return int64_t(t.tv_sec) * 1000000000 + t.tv_nsec;
+}
+
 // Helper threads for run_items, started on first use and asleep between calls. The caller
 // claims items too and then waits only for the items helpers have claimed: a helper that has
 // not been scheduled yet (another process holds the cores) costs nothing, where joining
@@ -246,18 +255,21 @@ class HelperPool {
       job_ = job;
       ++generation_;
     }
+    const auto start = std::chrono::steady_clock::now();
     cv_.notify_all();
-    job->work(false);
+    job->work();
     job->wait();
+    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_.reset();
     }
-    // Helpers that did under half their share were kept off the cores (another process holds
-    // them): run the next calls alone, 1, 2, 4, ... 64 of them, then try the helpers again.
-    const int64_t fair = n * (threads - 1) / threads;
-    if (2 * job->by_helpers.load() < fair) {
-      backoff_ = std::min(2 * backoff_ + 1, 64);
+    // Did the helpers pay? The threads' CPU time in the items is what one thread on a free core
+    // would take; a call whose wall time came near it gained nothing: another process holds
+    // the cores, so helpers wait for them and their neighbours wait for the helpers. Then the
+    // next calls run alone (1, 3, 7, ... 63 of them) before the helpers are tried again.
+    if (wall > 0.85 * job->cpu_seconds()) {
+      backoff_ = std::min(2 * backoff_ + 1, 63);
       skip_ = backoff_;
     } else {
       backoff_ = 0;
@@ -267,10 +279,11 @@ class HelperPool {
  private:
   struct Job {
     Job(const std::function<void(int64_t)>& item, int64_t n) : item(item), n(n) {}
-    void work(bool helper) {
+    void work() {
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        const int64_t before = thread_cpu_ns();
         item(i);
-        if (helper) by_helpers.fetch_add(1);
+        cpu_ns.fetch_add(thread_cpu_ns() - before);
         if (finished.fetch_add(1) + 1 == n) {
           std::lock_guard<std::mutex> lock(mutex);
           cv.notify_all();
@@ -283,7 +296,8 @@ class HelperPool {
     }
     const std::function<void(int64_t)>& item;  // the caller's: only called while it waits
     const int64_t n;
-    std::atomic<int64_t> next{0}, finished{0}, by_helpers{0};
+    double cpu_seconds() const { return cpu_ns.load() * 1e-9; }
+    std::atomic<int64_t> next{0}, finished{0}, cpu_ns{0};
     std::mutex mutex;
     std::condition_variable cv;
   };
@@ -303,7 +317,7 @@ class HelperPool {
         seen = generation_;
         job = job_;
       }
-      if (job) job->work(true);  // late: finds every item claimed and goes back to sleep
+      if (job) job->work();  // late: finds every item claimed and goes back to sleep
     }
   }
 
@@ -331,9 +345,10 @@ struct Stripes {
   std::vector<int64_t> height;  // rows per stripe of sample b
 
   Stripes(const int64_t* x_len, int64_t B, int threads) : first(B + 1, 0), height(B) {
-    // Enough items to keep every thread busy to the end (about 4 per thread), whole samples
-    // when the batch has that many.
-    const int64_t per_sample = threads <= 1 ? 1 : std::max<int64_t>(1, (4 * threads + B - 1) / B);
+    // Whole samples when there are at least as many as threads: independent items, nothing
+    // to wait for. Fewer samples: each cut into stripes, about 4 items per thread in all.
+    const int64_t per_sample = threads <= 1 || B >= threads
+                                   ? 1 : std::max<int64_t>(1, (4 * threads + B - 1) / B);
     for (int64_t b = 0; b < B; ++b) {
       const int64_t L = x_len[b];
       const int64_t n = std::max<int64_t>(1, std::min(per_sample, L / kMinRows));
