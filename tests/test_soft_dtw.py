@@ -450,3 +450,53 @@ def test_cuda_edge_batch_on_a_side_stream_after_a_long_producer():
         D = D.detach().requires_grad_()
         assert torch.autograd.gradcheck(
             lambda d: ops.soft_dtw(d, x.cuda(), y.cuda(), gamma=0.5), (D,), eps=1e-6, atol=1e-6)
+
+
+def _cuda_free_bytes() -> float:
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0.0
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _extension.HAS_CUDA_OPS),
+                    reason="needs a GPU and the CUDA extension")
+def test_cuda_long_batch_past_2_31_elements():
+    """.ci/gpu a (ii): B=32, L=20,000, S=4,000 in float32, forward and backward (2.56e9
+    elements: int64 offsets), with lengths below Lmax / Smax: no fault, the gradient exactly zero
+    outside each sample's cells, and each sample equal to itself run alone."""
+    if _cuda_free_bytes() < 60e9:
+        pytest.skip(f"needs 60 GB of free device memory, {_cuda_free_bytes() / 1e9:.1f} GB free")
+    B, L, S = 32, 20_000, 4_000
+    g = torch.Generator(device="cuda").manual_seed(5)
+    D = torch.rand(B, L, S, device="cuda", generator=g) * 4
+    x = torch.tensor([L - 37 * b for b in range(B)], device="cuda")
+    y = torch.tensor([S - 11 * b for b in range(B)], device="cuda")
+    v, grad = value_and_grad(ops.soft_dtw, D, x, y)
+    torch.cuda.synchronize()
+    rows = torch.arange(L, device="cuda")[None, :, None] < x[:, None, None]
+    cols = torch.arange(S, device="cuda")[None, None, :] < y[:, None, None]
+    assert grad.masked_select(~(rows & cols)).eq(0).all()  # exact zeros outside
+    del rows, cols
+    w = torch.linspace(0.5, 1.5, B, dtype=v.dtype, device="cuda")  # value_and_grad's weights
+    for b in range(B):
+        lb, sb = int(x[b]), int(y[b])
+        vb, gb = value_and_grad(ops.soft_dtw, D[b:b + 1, :lb, :sb].contiguous(), x[b:b + 1],
+                                y[b:b + 1])
+        assert torch.equal(vb[0], v[b]), b
+        torch.testing.assert_close(gb[0] * w[b] / 0.5, grad[b, :lb, :sb], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and _extension.HAS_CUDA_OPS),
+                    reason="needs a GPU and the CUDA extension")
+@pytest.mark.parametrize("bandwidth", [None, 300])
+def test_cuda_global_scratch_by_size_equals_forced_and_cpu(bandwidth, monkeypatch):
+    """.ci/gpu a (ii): B=2, L=S=12,000, whose three live diagonals (288 KB of doubles) exceed any
+    GPU's shared memory per block: the global-scratch path reached by size equals the one forced
+    by LYRA_SOFT_DTW_GLOBAL_SCRATCH bit for bit, and the CPU op."""
+    n = 12_000
+    D = torch.rand(2, n, n, generator=torch.Generator().manual_seed(9)) * 4
+    x, y = torch.tensor([n, n - 150]), torch.tensor([n - 100, n])
+    by_size = value_and_grad(ops.soft_dtw, D.cuda(), x.cuda(), y.cuda(), bandwidth=bandwidth)
+    monkeypatch.setenv("LYRA_SOFT_DTW_GLOBAL_SCRATCH", "1")
+    forced = value_and_grad(ops.soft_dtw, D.cuda(), x.cuda(), y.cuda(), bandwidth=bandwidth)
+    assert torch.equal(by_size[0], forced[0]) and torch.equal(by_size[1], forced[1])
+    cpu = value_and_grad(ops.soft_dtw, D, x, y, bandwidth=bandwidth)
+    assert rel_err(by_size[0].cpu(), cpu[0]) < 1e-5 and rel_err(by_size[1].cpu(), cpu[1]) < 1e-4
