@@ -238,10 +238,20 @@ class HelperPool {
     return *instance();
   }
 
+  // The threads a call asked for `threads` gets: 1 while calls run alone because helpers did
+  // not pay. Asked before the call cuts its work, so that a call run alone is cut like a
+  // one-thread call (whole samples, no stripes to trade rows between).
+  int plan(int threads) {
+    if (threads <= 1) return 1;
+    int skip = skip_.load();
+    while (skip > 0 && !skip_.compare_exchange_weak(skip, skip - 1)) {
+    }
+    return skip > 0 ? 1 : threads;
+  }
+
   void run(int64_t n, int threads, const std::function<void(int64_t)>& item) {
     std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
-    if (threads <= 1 || n <= 1 || !busy.owns_lock() || skip_ > 0) {  // others run alone
-      if (busy.owns_lock() && skip_ > 0) --skip_;
+    if (threads <= 1 || n <= 1 || !busy.owns_lock()) {  // a concurrent caller runs alone
       for (int64_t i = 0; i < n; ++i) item(i);
       return;
     }
@@ -270,7 +280,7 @@ class HelperPool {
     // next calls run alone (1, 3, 7, ... 63 of them) before the helpers are tried again.
     if (wall > 0.85 * job->cpu_seconds()) {
       backoff_ = std::min(2 * backoff_ + 1, 63);
-      skip_ = backoff_;
+      skip_.store(backoff_);
     } else {
       backoff_ = 0;
     }
@@ -327,11 +337,14 @@ class HelperPool {
   std::shared_ptr<Job> job_;
   uint64_t generation_ = 0;
   size_t helpers_ = 0;
-  int backoff_ = 0, skip_ = 0;  // calls to run alone (guarded by running_)
+  int backoff_ = 0;  // the last run of calls alone (guarded by running_)
+  std::atomic<int> skip_{0};  // calls still to run alone
 };
 
-// Runs item(i) for i = 0..n-1 on up to `threads` threads, each claiming the next unclaimed
-// item. Items may wait only on items before them, which someone has then already claimed.
+// The threads a call may use (HelperPool::plan), then item(i) for i = 0..n-1 run on up to that
+// many threads, each claiming the next unclaimed item. Items may wait only on items before
+// them, which someone has then already claimed.
+inline int plan_threads(int threads) { return HelperPool::get().plan(std::max(1, threads)); }
 template <typename Fn>
 void run_items(int64_t n, int threads, Fn item) {
   HelperPool::get().run(n, threads, std::function<void(int64_t)>(item));
@@ -490,7 +503,8 @@ void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t
                           int64_t bandwidth, scalar_t* value, weight_t* weights,
                           int num_threads) {
   const int64_t slab = Lmax * Smax;
-  const Stripes stripes(x_len, B, num_threads);
+  const int threads = plan_threads(num_threads);
+  const Stripes stripes(x_len, B, threads);
   std::deque<Progress> done;
   for (int64_t i = 0; i < stripes.size(); ++i) done.emplace_back(0);
   // Row r1 of every stripe (R by column), R[0, c] above each sample's first stripe.
@@ -503,7 +517,7 @@ void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t
                          bandwidth);
     row_of(stripes.size() + b)[0] = 0.0;  // R[0, 0]
   }
-  run_items(stripes.size(), std::max(1, num_threads), [&](int64_t item) {
+  run_items(stripes.size(), threads, [&](int64_t item) {
     const auto [b, s] = stripes.at(item);
     const int64_t L = x_len[b], S = y_len[b];
     weight_t* W = weights == nullptr ? nullptr : weights + b * slab * 3;
@@ -528,7 +542,8 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
                            int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
                            int num_threads) {
   const int64_t slab = Lmax * Smax;
-  const Stripes stripes(x_len, B, num_threads);
+  const int threads = plan_threads(num_threads);
+  const Stripes stripes(x_len, B, threads);
   const int64_t n = stripes.size();
   std::deque<Progress> done;
   for (int64_t i = 0; i < n; ++i) done.emplace_back(std::numeric_limits<int64_t>::max());
@@ -544,7 +559,7 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
     diag_of(n + b)[y_len[b] + 1] = 1.0;
   }
   // Items in reverse: a sample's stripes bottom to top.
-  run_items(n, std::max(1, num_threads), [&](int64_t reversed) {
+  run_items(n, threads, [&](int64_t reversed) {
     const int64_t item = n - 1 - reversed;
     const auto [b, s] = stripes.at(item);
     const int64_t L = x_len[b], S = y_len[b];
