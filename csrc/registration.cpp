@@ -11,6 +11,10 @@ TORCH_LIBRARY(lyra, m) {
       "soft_dtw_backward(Tensor grad, Tensor weights, Tensor x_lengths, Tensor y_lengths, "
       "int bandwidth) -> Tensor");
   m.def(
+      "soft_dtw_alignment(Tensor D, Tensor x_lengths, Tensor y_lengths, float gamma, "
+      "int bandwidth) -> (Tensor value, Tensor alignment)");
+  m.def("soft_dtw_alignment_backward(Tensor grad, Tensor alignment) -> Tensor");
+  m.def(
       "context_scores(Tensor q, Tensor k, Tensor query_mask, Tensor key_mask, bool causal, "
       "float? scale, Tensor? query_positions=None) -> Tensor");
   m.def(

@@ -89,6 +89,37 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("lyra::soft_dtw_alignment")
+def _(D, x_lengths, y_lengths, gamma, bandwidth):
+    return D.new_empty((D.shape[0],)), D.new_empty(D.shape)
+
+
+@torch.library.register_fake("lyra::soft_dtw_alignment_backward")
+def _(grad, alignment):
+    return alignment.new_empty(alignment.shape)
+
+
+def _soft_dtw_alignment_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])  # E itself takes no gradient
+    ctx.set_materialize_grads(False)
+
+
+def _soft_dtw_alignment_backward(ctx, grad_value, _grad_alignment):
+    if grad_value is None:
+        return None, None, None, None, None
+    (alignment,) = ctx.saved_tensors
+    dD = torch.ops.lyra.soft_dtw_alignment_backward(grad_value.contiguous(), alignment)
+    return dD, None, None, None, None
+
+
+torch.library.register_autograd(
+    "lyra::soft_dtw_alignment",
+    _soft_dtw_alignment_backward,
+    setup_context=_soft_dtw_alignment_setup_context,
+)
+
+
 def soft_dtw(
     D: Tensor,
     x_lengths: Tensor,
@@ -123,10 +154,14 @@ def soft_dtw(
         raise ValueError(f"bandwidth must be None or an int >= 0, got {bandwidth!r}")
     if D.dtype in _HALF:
         D = D.float()
-    store = D.requires_grad and torch.is_grad_enabled()
-    value, _ = torch.ops.lyra.soft_dtw_forward(
-        D, x_lengths, y_lengths, float(gamma), -1 if bandwidth is None else bandwidth, store
-    )
+    band = -1 if bandwidth is None else bandwidth
+    if D.requires_grad and torch.is_grad_enabled():
+        # The gradient is E = d value / dD times the incoming gradient: computed with the value
+        # (on the CPU in one cache-resident pass per sample) and kept instead of the soft-min
+        # weights, a third of their memory.
+        value, _ = torch.ops.lyra.soft_dtw_alignment(D, x_lengths, y_lengths, float(gamma), band)
+        return value
+    value, _ = torch.ops.lyra.soft_dtw_forward(D, x_lengths, y_lengths, float(gamma), band, False)
     return value
 
 

@@ -8,8 +8,8 @@ from lyra_pl import _extension
 
 
 def test_ops_are_registered():
-    for name in ("soft_dtw_forward", "soft_dtw_backward", "context_scores", "select_tokens",
-                 "prune_tokens"):
+    for name in ("soft_dtw_forward", "soft_dtw_backward", "soft_dtw_alignment",
+                 "soft_dtw_alignment_backward", "context_scores", "select_tokens", "prune_tokens"):
         assert hasattr(torch.ops.lyra, name)
 
 

@@ -34,6 +34,7 @@ IN_OPS = {
     "lyra.prune_tokens": 1,  # csrc/prune/prune_op.cpp query_rows: counts.max().item()
     "lyra.soft_dtw_forward": 2,  # csrc/checks.h check_lengths: both length tensors .cpu()
     "lyra.soft_dtw_backward": 2,  # the same
+    "lyra.soft_dtw_alignment": 2,  # the same (the forward and E in one call, ops.soft_dtw)
 }
 
 
@@ -51,10 +52,9 @@ def budget(cfg: LyraConfig) -> dict[str, tuple[int, str]]:
         "lyra.prune_tokens": (1, (
             "inside the op: its most instruction rows per sample, read to size its work; the "
             "host could pass it")),
-        "lyra.soft_dtw_forward": (2, (
+        "lyra.soft_dtw_alignment": (2, (
             "inside the op: the speech and text lengths copied to the host for range checks; "
-            "checkable on the host before the call")),
-        "lyra.soft_dtw_backward": (2, "the same checks again in the backward"),
+            "checkable on the host before the call (its backward, a scaling, checks nothing)")),
     }
 
 

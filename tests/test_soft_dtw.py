@@ -323,6 +323,73 @@ def test_opcheck(device):
     torch.library.opcheck(
         torch.ops.lyra.soft_dtw_forward.default, (D.detach(), x, torch.tensor([5, 2, 1], device=device), 0.3, 2, False)
     )
+    torch.library.opcheck(torch.ops.lyra.soft_dtw_alignment.default, (D, x, y, 0.1, -1))
+    E = torch.rand(3, 7, 5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.lyra.soft_dtw_alignment_backward.default,
+                          (torch.randn(3, dtype=torch.float64, device=device), E))
+
+
+@pytest.mark.parametrize("B,threads", [(16, 2), (16, 1), (2, 3), (1, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_alignment_equals_forward_then_backward(B, threads, dtype):
+    """soft_dtw_alignment (what ops.soft_dtw runs when a gradient is wanted) is the forward and
+    the backward of ones in one call: bitwise the same value and E as the two ops, whole samples
+    (each sample's passes back to back through cached weights) or stripes (B < threads), with
+    and without a band, variable lengths, NaN and all; and autograd's gradient is grad[b] * E."""
+    before = torch.get_num_threads()
+    D = cost_matrix(B, 120, 70, dtype=dtype, seed=B + threads)
+    x, y = random_lengths(B, 120, 70, seed=B)
+    x[0], y[0] = 120, 70  # a full-size sample: the padding of the others is zero in E
+    if B > 1:
+        D[1, 3, 4] = float("nan")  # inside sample 1's cells: its value and E are NaN
+        x[1], y[1] = max(int(x[1]), 10), max(int(y[1]), 10)
+    try:
+        torch.set_num_threads(threads)
+        for bandwidth in (-1, 60):
+            if bandwidth >= 0:  # the end cells inside the band
+                x = torch.maximum(x, y - bandwidth)
+                y = torch.maximum(y, x - bandwidth)
+            v, w = torch.ops.lyra.soft_dtw_forward(D, x, y, 0.2, bandwidth, True)
+            E_ref = torch.ops.lyra.soft_dtw_backward(torch.ones(B, dtype=dtype), w, x, y, bandwidth)
+            va, E = torch.ops.lyra.soft_dtw_alignment(D, x, y, 0.2, bandwidth)
+            assert torch.equal(va.isnan(), v.isnan()) and torch.equal(va.nan_to_num(), v.nan_to_num())
+            assert torch.equal(E.isnan(), E_ref.isnan()) and torch.equal(E.nan_to_num(), E_ref.nan_to_num())
+            if B > 1:
+                assert v[1].isnan() and E[1].isnan().any()
+            grad = torch.randn(B, dtype=dtype)
+            Dg = D.clone().requires_grad_()
+            ops.soft_dtw(Dg, x, y, gamma=0.2, bandwidth=None if bandwidth < 0 else bandwidth).backward(grad)
+            expected = grad[:, None, None] * E_ref
+            assert torch.equal(Dg.grad.isnan(), expected.isnan())
+            assert torch.equal(Dg.grad.nan_to_num(), expected.nan_to_num())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_alignment_is_a_probability_of_passing_through_each_cell():
+    """E, checked by what it means rather than how it is computed: every alignment path passes
+    through (1, 1) and (L, S) and through each row and column at least once, so those corners
+    are 1, each row and column of E sums to >= 1, every entry lies in [0, 1], and E is zero
+    outside the sample; and a near-hard alignment (tiny gamma) on a cost with one cheap path
+    puts E ~ 1 on that path and ~ 0 elsewhere."""
+    D = cost_matrix(2, 40, 25, seed=21)
+    x, y = torch.tensor([40, 31]), torch.tensor([25, 25])
+    _, E = torch.ops.lyra.soft_dtw_alignment(D, x, y, 0.5, -1)
+    for b in range(2):
+        Eb = E[b, : x[b], : y[b]]
+        assert Eb.min() >= 0 and Eb.max() <= 1 + 1e-12
+        assert abs(Eb[0, 0] - 1) < 1e-12 and abs(Eb[-1, -1] - 1) < 1e-12
+        assert (Eb.sum(1) >= 1 - 1e-9).all() and (Eb.sum(0) >= 1 - 1e-9).all()
+        assert E[b, x[b]:].abs().sum() == 0 and E[b, :, y[b]:].abs().sum() == 0
+    # One cheap monotone path (the "diagonal" of a 40 x 25 grid): a hard alignment follows it.
+    cheap = torch.full((1, 40, 25), 5.0, dtype=torch.float64)
+    rows = torch.arange(40)
+    cols = (rows * 24) // 39
+    cheap[0, rows, cols] = 0.0
+    _, E = torch.ops.lyra.soft_dtw_alignment(cheap, torch.tensor([40]), torch.tensor([25]), 0.01, -1)
+    on_path = torch.zeros(40, 25, dtype=torch.bool)
+    on_path[rows, cols] = True
+    assert (E[0][on_path] > 0.999).all() and (E[0][~on_path] < 1e-3).all()
 
 
 @pytest.mark.parametrize("normalize", ["length_sum", "x_length", "none"])

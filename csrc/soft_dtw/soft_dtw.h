@@ -46,6 +46,22 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
                            int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
                            int num_threads);
 
+// The forward and the backward of grad = 1 in one call: value (B) and E (B, Lmax, Smax), the
+// gradient of each value with respect to D (the expected alignment matrix: E[i, j] is the
+// probability that the soft alignment passes through cell (i, j)), exactly zero outside the
+// valid cells. Autograd's backward is then grad[b] * E. Whole samples run both passes back to
+// back through weights of their own that stay in cache, so no batch of weights (three values a
+// cell) goes out to memory and back; samples cut into stripes run the two calls above.
+template <typename scalar_t, typename weight_t>
+void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
+                            int64_t B, int64_t Lmax, int64_t Smax, double gamma,
+                            int64_t bandwidth, scalar_t* value, scalar_t* E, int num_threads);
+
+// out[b, :] = grad[b] * E[b, :] over B slabs of `slab` elements: soft_dtw_alignment's backward.
+template <typename scalar_t>
+void soft_dtw_scale_cpu(const scalar_t* grad, const scalar_t* E, int64_t B, int64_t slab,
+                        scalar_t* out, int num_threads);
+
 // CUDA launchers: same contracts, device pointers, `stream` is a cudaStream_t, `workspace` a
 // device buffer of soft_dtw_cuda_workspace(B, Lmax, Smax) bytes (the live diagonals of each
 // sample when they do not fit in shared memory; the torch glue takes it from PyTorch's caching

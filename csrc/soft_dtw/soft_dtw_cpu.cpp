@@ -13,11 +13,12 @@
 // backward's what the top row of the stripe below passes up, down to diagonal k+1. A thread
 // that must wait for its neighbour sleeps: when another process holds a core (DataLoader
 // workers in training), a spinning waiter takes the core that the neighbour needs to catch up.
-// (OpenMP with a barrier per diagonal ran 3.5x slower than one thread beside one busy process
-// on 2 cores, and its sample loop 1.6x slower.)
+// (A barrier per diagonal ran 3.5x slower than one thread beside one busy process on 2 cores.)
+// The items run on OpenMP's threads, which a judge of each call's gain sends back to one
+// thread while other processes hold the cores (Threads, below).
 #include "soft_dtw.h"
 
-#include <pthread.h>
+#include <omp.h>
 #include <time.h>
 
 #include <algorithm>
@@ -27,7 +28,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -221,26 +221,24 @@ inline int64_t thread_cpu_ns() {
   return int64_t(t.tv_sec) * 1000000000 + t.tv_nsec;
 }
 
-// Helper threads for run_items, started on first use and asleep between calls. The caller
-// claims items too and then waits only for the items helpers have claimed: a helper that has
-// not been scheduled yet (another process holds the cores) costs nothing, where joining
-// threads started for the call would wait for each of them to run once.
-class HelperPool {
+// Runs a call's work items on OpenMP threads, each claiming the next unclaimed item, and judges
+// whether the threads paid. They are torch's own intra-op threads: after any torch op they
+// spin, hot, for a while, so a team starts at once, where threads of our own would have to
+// win their cores from those spinners (2x slower beside torch's ops on 2 cores). The judge:
+// the threads' CPU time in the items is what one thread on a free core would take; a call
+// whose wall time came near it gained nothing (another process holds the cores, so team
+// threads wait for them and the team's end waits for the last), and the next calls run alone,
+// 1, 3, 7, ... 63 of them, before threads are tried again.
+class Threads {
  public:
-  static HelperPool& get() {
-    static const bool registered = [] {
-      // A forked child (a DataLoader worker) has none of the parent's threads: it starts a
-      // pool of its own (the old one, whose mutexes a helper may have held, is left alone).
-      pthread_atfork(nullptr, nullptr, [] { instance() = new HelperPool; });
-      return true;
-    }();
-    (void)registered;
-    return *instance();
+  static Threads& get() {
+    static Threads instance;
+    return instance;
   }
 
-  // The threads a call asked for `threads` gets: 1 while calls run alone because helpers did
-  // not pay. Asked before the call cuts its work, so that a call run alone is cut like a
-  // one-thread call (whole samples, no stripes to trade rows between).
+  // The threads a call that asked for `threads` gets: 1 while calls run alone. Asked before the
+  // call cuts its work, so that a call run alone is cut like a one-thread call (whole samples,
+  // no stripes to trade rows between).
   int plan(int threads) {
     if (threads <= 1) return 1;
     int skip = skip_.load();
@@ -249,36 +247,26 @@ class HelperPool {
     return skip > 0 ? 1 : threads;
   }
 
-  void run(int64_t n, int threads, const std::function<void(int64_t)>& item) {
-    std::unique_lock<std::mutex> busy(running_, std::try_to_lock);
-    if (threads <= 1 || n <= 1 || !busy.owns_lock()) {  // a concurrent caller runs alone
-      for (int64_t i = 0; i < n; ++i) item(i);
+  template <typename Fn>
+  void run(int64_t n, int threads, const Fn& item) {
+    if (threads <= 1 || n <= 1) {
+      for (int64_t i = 0; i < n; ++i) item(i, 0);
       return;
     }
-    auto job = std::make_shared<Job>(item, n);
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      while (static_cast<int>(helpers_) < threads - 1) {
-        std::thread([this] { serve(); }).detach();
-        ++helpers_;
-      }
-      job_ = job;
-      ++generation_;
-    }
+    std::atomic<int64_t> next{0}, cpu_ns{0};
     const auto start = std::chrono::steady_clock::now();
-    cv_.notify_all();
-    job->work();
-    job->wait();
-    const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+#pragma omp parallel num_threads(team(n, threads))
     {
-      std::lock_guard<std::mutex> lock(mutex_);
-      job_.reset();
+      const int slot = omp_get_thread_num();
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
+        const int64_t before = thread_cpu_ns();
+        item(i, slot);
+        cpu_ns.fetch_add(thread_cpu_ns() - before);
+      }
     }
-    // Did the helpers pay? The threads' CPU time in the items is what one thread on a free core
-    // would take; a call whose wall time came near it gained nothing: another process holds
-    // the cores, so helpers wait for them and their neighbours wait for the helpers. Then the
-    // next calls run alone (1, 3, 7, ... 63 of them) before the helpers are tried again.
-    if (wall > 0.85 * job->cpu_seconds()) {
+    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - start;
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (wall.count() > 0.85e-9 * static_cast<double>(cpu_ns.load())) {
       backoff_ = std::min(2 * backoff_ + 1, 63);
       skip_.store(backoff_);
     } else {
@@ -286,68 +274,24 @@ class HelperPool {
     }
   }
 
+  // How many threads run(n, threads, ...) starts: item's `slot` is below it.
+  static int team(int64_t n, int threads) {
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
+  }
+
  private:
-  struct Job {
-    Job(const std::function<void(int64_t)>& item, int64_t n) : item(item), n(n) {}
-    void work() {
-      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
-        const int64_t before = thread_cpu_ns();
-        item(i);
-        cpu_ns.fetch_add(thread_cpu_ns() - before);
-        if (finished.fetch_add(1) + 1 == n) {
-          std::lock_guard<std::mutex> lock(mutex);
-          cv.notify_all();
-        }
-      }
-    }
-    void wait() {
-      std::unique_lock<std::mutex> lock(mutex);
-      cv.wait(lock, [&] { return finished.load() == n; });
-    }
-    const std::function<void(int64_t)>& item;  // the caller's: only called while it waits
-    const int64_t n;
-    double cpu_seconds() const { return cpu_ns.load() * 1e-9; }
-    std::atomic<int64_t> next{0}, finished{0}, cpu_ns{0};
-    std::mutex mutex;
-    std::condition_variable cv;
-  };
-
-  static HelperPool*& instance() {
-    static HelperPool* pool = new HelperPool;  // never destroyed: its threads outlive main()
-    return pool;
-  }
-
-  void serve() {
-    uint64_t seen = 0;
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        job = job_;
-      }
-      if (job) job->work();  // late: finds every item claimed and goes back to sleep
-    }
-  }
-
-  std::mutex running_;  // held by the caller of the job in progress
   std::mutex mutex_;
-  std::condition_variable cv_;
-  std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
-  size_t helpers_ = 0;
-  int backoff_ = 0;  // the last run of calls alone (guarded by running_)
+  int backoff_ = 0;  // the last run of calls alone
   std::atomic<int> skip_{0};  // calls still to run alone
 };
 
-// The threads a call may use (HelperPool::plan), then item(i) for i = 0..n-1 run on up to that
-// many threads, each claiming the next unclaimed item. Items may wait only on items before
-// them, which someone has then already claimed.
-inline int plan_threads(int threads) { return HelperPool::get().plan(std::max(1, threads)); }
+// The threads a call may use (Threads::plan); then item(i, slot) for i = 0..n-1 on up to that
+// many threads, `slot` the running thread's index in the team (0 .. Threads::team(n, threads)
+// - 1). Items may wait only on items before them, which someone has then already claimed.
+inline int plan_threads(int threads) { return Threads::get().plan(std::max(1, threads)); }
 template <typename Fn>
 void run_items(int64_t n, int threads, Fn item) {
-  HelperPool::get().run(n, threads, std::function<void(int64_t)>(item));
+  Threads::get().run(n, threads, item);
 }
 
 // The stripes a batch is cut into: sample b's rows 1..L_b in `count[b]` stripes of equal
@@ -495,6 +439,57 @@ void backward_stripe(double g, const weight_t* W, int64_t plane, int64_t L, int6
   done.publish(std::numeric_limits<int64_t>::min());
 }
 
+// Zeros what the backward recursion will not write in a stripe's rows of one sample's dD:
+// outside the band, the padding columns, and below the sample's last row (with its last stripe).
+template <typename scalar_t>
+void zero_outside(scalar_t* out, const StripeRows& rows, int64_t L, int64_t S, int64_t Lmax,
+                  int64_t Smax, int64_t bandwidth) {
+  for (int64_t i = rows.r0 - 1; i < rows.r1; ++i) {
+    if (bandwidth >= 0) {
+      std::fill(out + i * Smax, out + (i + 1) * Smax, scalar_t(0));
+    } else if (S < Smax) {
+      std::fill(out + i * Smax + S, out + (i + 1) * Smax, scalar_t(0));
+    }
+  }
+  if (rows.r1 == L) std::fill(out + L * Smax, out + Lmax * Smax, scalar_t(0));
+}
+
+// Weights for soft_dtw_alignment_cpu, kept between calls up to kKeepBytes: a fresh buffer costs
+// a page fault per 4 KB (13,000, ~15 ms, for one sample of 4500 x 1000 cells, as much as the
+// forward's arithmetic), and a small one kept stays in cache. A concurrent call (or a forked
+// child whose parent held the lock), or one that needs more, gets a buffer of its own.
+template <typename weight_t>
+class Scratch {
+ public:
+  static constexpr size_t kKeepBytes = size_t(64) << 20;
+
+  explicit Scratch(int64_t n) : lock_(mutex(), std::try_to_lock) {
+    if (lock_.owns_lock() && static_cast<size_t>(n) * sizeof(weight_t) <= kKeepBytes) {
+      std::vector<weight_t>& k = kept();
+      if (static_cast<int64_t>(k.size()) < n) k.resize(n);
+      data_ = k.data();
+    } else {
+      if (lock_.owns_lock()) lock_.unlock();
+      own_.reset(new weight_t[n]);
+      data_ = own_.get();
+    }
+  }
+  weight_t* data() const { return data_; }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<weight_t>& kept() {
+    static std::vector<weight_t> k;
+    return k;
+  }
+  std::unique_lock<std::mutex> lock_;
+  std::unique_ptr<weight_t[]> own_;
+  weight_t* data_ = nullptr;
+};
+
 }  // namespace
 
 template <typename scalar_t, typename weight_t>
@@ -517,7 +512,7 @@ void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t
                          bandwidth);
     row_of(stripes.size() + b)[0] = 0.0;  // R[0, 0]
   }
-  run_items(stripes.size(), threads, [&](int64_t item) {
+  run_items(stripes.size(), threads, [&](int64_t item, int) {
     const auto [b, s] = stripes.at(item);
     const int64_t L = x_len[b], S = y_len[b];
     weight_t* W = weights == nullptr ? nullptr : weights + b * slab * 3;
@@ -559,26 +554,83 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
     diag_of(n + b)[y_len[b] + 1] = 1.0;
   }
   // Items in reverse: a sample's stripes bottom to top.
-  run_items(n, threads, [&](int64_t reversed) {
+  run_items(n, threads, [&](int64_t reversed, int) {
     const int64_t item = n - 1 - reversed;
     const auto [b, s] = stripes.at(item);
     const int64_t L = x_len[b], S = y_len[b];
     scalar_t* out = dD + b * slab;
     const StripeRows rows(s, stripes.height[b], L, S);
-    // Zero what the recursion will not write in these rows: the band's outside, the padding.
-    for (int64_t i = rows.r0 - 1; i < rows.r1; ++i) {
-      if (bandwidth >= 0) {
-        std::fill(out + i * Smax, out + (i + 1) * Smax, scalar_t(0));
-      } else if (S < Smax) {
-        std::fill(out + i * Smax + S, out + (i + 1) * Smax, scalar_t(0));
-      }
-    }
-    if (rows.r1 == L) std::fill(out + L * Smax, out + slab, scalar_t(0));
+    zero_outside(out, rows, L, S, Lmax, Smax, bandwidth);
     const bool last = s == stripes.count(b) - 1;
     backward_stripe(static_cast<double>(grad[b]), weights + b * slab * 3, slab, L, S, Smax,
                     bandwidth, layouts[b], rows, last ? up_of(n + b) : up_of(item + 1),
                     last ? diag_of(n + b) : diag_of(item + 1), last ? nullptr : &done[item + 1],
                     up_of(item), diag_of(item), done[item], out);
+  });
+}
+
+template <typename scalar_t, typename weight_t>
+void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
+                            int64_t B, int64_t Lmax, int64_t Smax, double gamma,
+                            int64_t bandwidth, scalar_t* value, scalar_t* E, int num_threads) {
+  const int64_t slab = Lmax * Smax;
+  const int threads = plan_threads(num_threads);
+  const Stripes stripes(x_len, B, threads);
+  if (stripes.size() > B) {
+    // Samples cut into stripes: the two passes one after the other, each across the threads,
+    // through a batch of weights. (Planned again by each pass: both see the same skip count
+    // unless another call runs between them, and either count gives the same results.)
+    const Scratch<weight_t> weights(B * slab * 3);
+    const std::vector<scalar_t> ones(B, scalar_t(1));
+    soft_dtw_forward_cpu(D, x_len, y_len, B, Lmax, Smax, gamma, bandwidth, value,
+                         weights.data(), threads);
+    soft_dtw_backward_cpu(ones.data(), weights.data(), x_len, y_len, B, Lmax, Smax, bandwidth,
+                          E, threads);
+    return;
+  }
+  // Whole samples: each runs its forward and then its backward through weights of its own,
+  // which stay in the core's cache between the two (at Lyra's LCMR sizes, 300 x 60 cells take
+  // 216 KB), instead of going out to memory as a batch and coming back. One slice of the
+  // scratch per thread, allocated here: nothing inside the threads' items can fail to allocate
+  // a large buffer.
+  int64_t cells = 0;
+  for (int64_t b = 0; b < B; ++b) cells = std::max(cells, 3 * x_len[b] * y_len[b]);
+  const Scratch<weight_t> scratch(Threads::team(B, threads) * cells);
+  run_items(B, threads, [&](int64_t b, int slot) {
+    const int64_t L = x_len[b], S = y_len[b];
+    const int64_t plane = L * S;
+    weight_t* W = scratch.data() + slot * cells;
+    const DiagLayout layout(L, S, bandwidth);
+    const StripeRows rows(0, L, L, S);
+    std::vector<double> edge(4 * (S + 2), 0.0);  // R's row 0; the bottom row; two passed rows
+    double* r0 = edge.data();
+    std::fill(r0, r0 + S + 1, kInf);
+    r0[0] = 0.0;  // R[0, 0]
+    Progress done(0);
+    forward_stripe(D + b * slab, L, S, Smax, gamma, bandwidth, layout, W, plane, rows, r0,
+                   nullptr, edge.data() + (S + 2), done, value + b);
+    // The seed below the last row: E[L, S] = 1, a diagonal pass from (L + 1, S + 1).
+    double* below_up = edge.data() + 2 * (S + 2);
+    double* below_diag = edge.data() + 3 * (S + 2);
+    std::fill(below_up, below_up + 2 * (S + 2), 0.0);
+    below_diag[S + 1] = 1.0;
+    scalar_t* out = E + b * slab;
+    zero_outside(out, rows, L, S, Lmax, Smax, bandwidth);
+    std::vector<double> top(2 * (S + 2), 0.0);  // nobody above reads it
+    Progress back(std::numeric_limits<int64_t>::max());
+    backward_stripe(1.0, W, plane, L, S, Smax, bandwidth, layout, rows, below_up, below_diag,
+                    nullptr, top.data(), top.data() + (S + 2), back, out);
+  });
+}
+
+template <typename scalar_t>
+void soft_dtw_scale_cpu(const scalar_t* grad, const scalar_t* E, int64_t B, int64_t slab,
+                        scalar_t* out, int num_threads) {
+  run_items(B, plan_threads(num_threads), [&](int64_t b, int) {
+    const scalar_t g = grad[b];
+    const scalar_t* e = E + b * slab;
+    scalar_t* o = out + b * slab;
+    for (int64_t i = 0; i < slab; ++i) o[i] = g * e[i];
   });
 }
 
@@ -588,7 +640,12 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
       int64_t, scalar_t*, weight_t*, int);                                                \
   template void soft_dtw_backward_cpu<scalar_t, weight_t>(                               \
       const scalar_t*, const weight_t*, const int64_t*, const int64_t*, int64_t, int64_t, \
-      int64_t, int64_t, scalar_t*, int);
+      int64_t, int64_t, scalar_t*, int);                                                  \
+  template void soft_dtw_alignment_cpu<scalar_t, weight_t>(                              \
+      const scalar_t*, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, double, \
+      int64_t, scalar_t*, scalar_t*, int);                                                \
+  template void soft_dtw_scale_cpu<scalar_t>(const scalar_t*, const scalar_t*, int64_t,   \
+                                             int64_t, scalar_t*, int);
 LYRA_INSTANTIATE(float, float)
 LYRA_INSTANTIATE(double, double)
 #undef LYRA_INSTANTIATE

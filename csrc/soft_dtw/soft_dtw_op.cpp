@@ -1,4 +1,4 @@
-// Torch glue of lyra::soft_dtw_forward / lyra::soft_dtw_backward (schemas in registration.cpp).
+// Torch glue of lyra::soft_dtw_forward / _backward / _alignment (schemas in registration.cpp).
 // Compiled into the CPU extension, and with LYRA_CUDA_BUILD into the CUDA extension, where it
 // registers the CUDA implementations instead.
 #include <ATen/Parallel.h>
@@ -126,6 +126,62 @@ at::Tensor soft_dtw_backward(const at::Tensor& grad_in, const at::Tensor& weight
   return dD;
 }
 
+// Value and E = d value / dD (soft_dtw.h). On CUDA the forward and the backward of ones, whose
+// weights live only for this call; on the CPU one pass per sample through cached weights.
+std::tuple<at::Tensor, at::Tensor> soft_dtw_alignment(const at::Tensor& D_in,
+                                                      const at::Tensor& x_lengths,
+                                                      const at::Tensor& y_lengths, double gamma,
+                                                      int64_t bandwidth) {
+#ifdef LYRA_CUDA_BUILD
+  auto [value, weights] = soft_dtw_forward(D_in, x_lengths, y_lengths, gamma, bandwidth, true);
+  at::Tensor E = soft_dtw_backward(at::ones_like(value), weights, x_lengths, y_lengths, bandwidth);
+  return {value, E};
+#else
+  check_D(D_in);
+  TORCH_CHECK_VALUE(gamma > 0 && std::isfinite(gamma), "gamma must be a finite number > 0, got ",
+                    gamma);
+  const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
+  if (bandwidth >= Lmax + Smax) bandwidth = -1;  // as in the forward
+  auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
+  auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
+  check_band(x_host, y_host, bandwidth);
+  const at::Tensor D = D_in.contiguous();
+  at::Tensor value = at::empty({B}, D.options());
+  at::Tensor E = at::empty({B, Lmax, Smax}, D.options());
+  AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "soft_dtw_alignment", [&] {
+    soft_dtw_alignment_cpu<scalar_t, scalar_t>(
+        D.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(), y_len.data_ptr<int64_t>(), B, Lmax,
+        Smax, gamma, bandwidth, value.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
+        at::get_num_threads());
+  });
+  return {value, E};
+#endif
+}
+
+// grad (B) times each sample's E: soft_dtw_alignment's backward. On the CPU on the soft-DTW
+// kernels' threads, whose judge runs it alone while other processes hold the cores (torch's
+// multiply would wait there for every thread of its team).
+at::Tensor soft_dtw_alignment_backward(const at::Tensor& grad_in, const at::Tensor& alignment) {
+  check_dim(alignment, 3, "alignment", "(B, Lmax, Smax)");
+  const int64_t B = alignment.size(0);
+  check_dim(grad_in, 1, "grad", "(B,)");
+  check_size(grad_in, 0, B, "grad", "batch");
+  check_same_device(grad_in, alignment, "grad", "alignment");
+  const at::Tensor grad = grad_in.to(alignment.scalar_type()).contiguous();
+#ifdef LYRA_CUDA_BUILD
+  return grad.view({B, 1, 1}) * alignment;
+#else
+  const at::Tensor E = alignment.contiguous();
+  at::Tensor dD = at::empty_like(E);
+  const int64_t slab = E.numel() / std::max<int64_t>(B, 1);
+  AT_DISPATCH_FLOATING_TYPES(E.scalar_type(), "soft_dtw_alignment_backward", [&] {
+    soft_dtw_scale_cpu(grad.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(), B, slab,
+                       dD.data_ptr<scalar_t>(), at::get_num_threads());
+  });
+  return dD;
+#endif
+}
+
 }  // namespace
 
 #ifdef LYRA_CUDA_BUILD
@@ -135,6 +191,8 @@ TORCH_LIBRARY_IMPL(lyra, CPU, m) {
 #endif
   m.impl("soft_dtw_forward", &soft_dtw_forward);
   m.impl("soft_dtw_backward", &soft_dtw_backward);
+  m.impl("soft_dtw_alignment", &soft_dtw_alignment);
+  m.impl("soft_dtw_alignment_backward", &soft_dtw_alignment_backward);
 }
 
 }  // namespace lyra
