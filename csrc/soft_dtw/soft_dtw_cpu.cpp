@@ -492,13 +492,15 @@ class Scratch {
 
 }  // namespace
 
+namespace {
+
+// The batch's forward and backward on `threads` threads, already planned (plan_threads): the
+// public calls plan once, and soft_dtw_alignment_cpu, which runs both, plans once for the two.
 template <typename scalar_t, typename weight_t>
-void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
-                          int64_t B, int64_t Lmax, int64_t Smax, double gamma,
-                          int64_t bandwidth, scalar_t* value, weight_t* weights,
-                          int num_threads) {
+void forward_batch(const scalar_t* D, const int64_t* x_len, const int64_t* y_len, int64_t B,
+                   int64_t Lmax, int64_t Smax, double gamma, int64_t bandwidth, scalar_t* value,
+                   weight_t* weights, int threads) {
   const int64_t slab = Lmax * Smax;
-  const int threads = plan_threads(num_threads);
   const Stripes stripes(x_len, B, threads);
   std::deque<Progress> done;
   for (int64_t i = 0; i < stripes.size(); ++i) done.emplace_back(0);
@@ -532,12 +534,10 @@ void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t
 }
 
 template <typename scalar_t, typename weight_t>
-void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
-                           const int64_t* x_len, const int64_t* y_len, int64_t B,
-                           int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
-                           int num_threads) {
+void backward_batch(const scalar_t* grad, const weight_t* weights, const int64_t* x_len,
+                    const int64_t* y_len, int64_t B, int64_t Lmax, int64_t Smax,
+                    int64_t bandwidth, scalar_t* dD, int threads) {
   const int64_t slab = Lmax * Smax;
-  const int threads = plan_threads(num_threads);
   const Stripes stripes(x_len, B, threads);
   const int64_t n = stripes.size();
   std::deque<Progress> done;
@@ -569,6 +569,26 @@ void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
   });
 }
 
+}  // namespace
+
+template <typename scalar_t, typename weight_t>
+void soft_dtw_forward_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
+                          int64_t B, int64_t Lmax, int64_t Smax, double gamma,
+                          int64_t bandwidth, scalar_t* value, weight_t* weights,
+                          int num_threads) {
+  forward_batch(D, x_len, y_len, B, Lmax, Smax, gamma, bandwidth, value, weights,
+                plan_threads(num_threads));
+}
+
+template <typename scalar_t, typename weight_t>
+void soft_dtw_backward_cpu(const scalar_t* grad, const weight_t* weights,
+                           const int64_t* x_len, const int64_t* y_len, int64_t B,
+                           int64_t Lmax, int64_t Smax, int64_t bandwidth, scalar_t* dD,
+                           int num_threads) {
+  backward_batch(grad, weights, x_len, y_len, B, Lmax, Smax, bandwidth, dD,
+                 plan_threads(num_threads));
+}
+
 template <typename scalar_t, typename weight_t>
 void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64_t* y_len,
                             int64_t B, int64_t Lmax, int64_t Smax, double gamma,
@@ -578,14 +598,13 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
   const Stripes stripes(x_len, B, threads);
   if (stripes.size() > B) {
     // Samples cut into stripes: the two passes one after the other, each across the threads,
-    // through a batch of weights. (Planned again by each pass: both see the same skip count
-    // unless another call runs between them, and either count gives the same results.)
+    // through a batch of weights.
     const Scratch<weight_t> weights(B * slab * 3);
     const std::vector<scalar_t> ones(B, scalar_t(1));
-    soft_dtw_forward_cpu(D, x_len, y_len, B, Lmax, Smax, gamma, bandwidth, value,
-                         weights.data(), threads);
-    soft_dtw_backward_cpu(ones.data(), weights.data(), x_len, y_len, B, Lmax, Smax, bandwidth,
-                          E, threads);
+    forward_batch(D, x_len, y_len, B, Lmax, Smax, gamma, bandwidth, value, weights.data(),
+                  threads);
+    backward_batch(ones.data(), weights.data(), x_len, y_len, B, Lmax, Smax, bandwidth, E,
+                   threads);
     return;
   }
   // Whole samples: each runs its forward and then its backward through weights of its own,
@@ -612,7 +631,6 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
     // The seed below the last row: E[L, S] = 1, a diagonal pass from (L + 1, S + 1).
     double* below_up = edge.data() + 2 * (S + 2);
     double* below_diag = edge.data() + 3 * (S + 2);
-    std::fill(below_up, below_up + 2 * (S + 2), 0.0);
     below_diag[S + 1] = 1.0;
     scalar_t* out = E + b * slab;
     zero_outside(out, rows, L, S, Lmax, Smax, bandwidth);

@@ -46,21 +46,37 @@ void check_D(const at::Tensor& D) {
                     "D must be non-empty, got shape ", D.sizes());
 }
 
-std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
-                                                    const at::Tensor& x_lengths,
-                                                    const at::Tensor& y_lengths, double gamma,
-                                                    int64_t bandwidth, bool store_weights) {
+// soft_dtw_forward's and soft_dtw_alignment's inputs, checked: D contiguous, the lengths on
+// D's device, a band wider than the matrix taken as no band (the launchers take it so too;
+// normalizing here keeps check_band from testing a band that does not exist).
+struct ForwardInputs {
+  at::Tensor D, x_len, y_len;
+  int64_t bandwidth;
+};
+
+ForwardInputs check_forward_inputs(const at::Tensor& D_in, const at::Tensor& x_lengths,
+                                   const at::Tensor& y_lengths, double gamma,
+                                   int64_t bandwidth) {
   check_D(D_in);
   TORCH_CHECK_VALUE(gamma > 0 && std::isfinite(gamma), "gamma must be a finite number > 0, got ",
                     gamma);
   const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
-  // A band wider than the matrix is no band (the launchers take it so too; normalizing here
-  // keeps check_band from testing a band that does not exist).
   if (bandwidth >= Lmax + Smax) bandwidth = -1;
   auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
   auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
   check_band(x_host, y_host, bandwidth);
-  const at::Tensor D = D_in.contiguous();
+  return {D_in.contiguous(), x_len, y_len, bandwidth};
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_dtw_forward(const at::Tensor& D_in,
+                                                    const at::Tensor& x_lengths,
+                                                    const at::Tensor& y_lengths, double gamma,
+                                                    int64_t bandwidth_in, bool store_weights) {
+  // Named references, not structured bindings: C++17 lambdas cannot capture those.
+  const ForwardInputs in = check_forward_inputs(D_in, x_lengths, y_lengths, gamma, bandwidth_in);
+  const at::Tensor &D = in.D, &x_len = in.x_len, &y_len = in.y_len;
+  const int64_t bandwidth = in.bandwidth;
+  const int64_t B = D.size(0), Lmax = D.size(1), Smax = D.size(2);
   at::Tensor value = at::empty({B}, D.options());
   at::Tensor weights = store_weights ? at::empty({B, Lmax, Smax, 3}, D.options())
                                      : at::empty({0}, D.options());
@@ -137,21 +153,15 @@ std::tuple<at::Tensor, at::Tensor> soft_dtw_alignment(const at::Tensor& D_in,
   at::Tensor E = soft_dtw_backward(at::ones_like(value), weights, x_lengths, y_lengths, bandwidth);
   return {value, E};
 #else
-  check_D(D_in);
-  TORCH_CHECK_VALUE(gamma > 0 && std::isfinite(gamma), "gamma must be a finite number > 0, got ",
-                    gamma);
-  const int64_t B = D_in.size(0), Lmax = D_in.size(1), Smax = D_in.size(2);
-  if (bandwidth >= Lmax + Smax) bandwidth = -1;  // as in the forward
-  auto [x_len, x_host] = check_lengths(x_lengths, "x_lengths", B, Lmax, "D.shape[1]", D_in);
-  auto [y_len, y_host] = check_lengths(y_lengths, "y_lengths", B, Smax, "D.shape[2]", D_in);
-  check_band(x_host, y_host, bandwidth);
-  const at::Tensor D = D_in.contiguous();
+  const ForwardInputs in = check_forward_inputs(D_in, x_lengths, y_lengths, gamma, bandwidth);
+  const at::Tensor &D = in.D, &x_len = in.x_len, &y_len = in.y_len;
+  const int64_t B = D.size(0), Lmax = D.size(1), Smax = D.size(2);
   at::Tensor value = at::empty({B}, D.options());
   at::Tensor E = at::empty({B, Lmax, Smax}, D.options());
   AT_DISPATCH_FLOATING_TYPES(D.scalar_type(), "soft_dtw_alignment", [&] {
     soft_dtw_alignment_cpu<scalar_t, scalar_t>(
         D.data_ptr<scalar_t>(), x_len.data_ptr<int64_t>(), y_len.data_ptr<int64_t>(), B, Lmax,
-        Smax, gamma, bandwidth, value.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
+        Smax, gamma, in.bandwidth, value.data_ptr<scalar_t>(), E.data_ptr<scalar_t>(),
         at::get_num_threads());
   });
   return {value, E};
