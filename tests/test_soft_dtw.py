@@ -392,6 +392,35 @@ def test_alignment_is_a_probability_of_passing_through_each_cell():
     assert (E[0][on_path] > 0.999).all() and (E[0][~on_path] < 1e-3).all()
 
 
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_denormals_are_flushed_inside_and_kept_outside(threads):
+    """The CPU recursions flush denormals while they run (x86 runs every operation on one in
+    microcode, ~100x slower, and E far from the optimal path falls below float's normal range),
+    and leave every thread's floating-point mode as they found it: afterwards torch multiplies
+    denormals as before, on the calling thread and on its OpenMP workers."""
+    import platform
+
+    before = torch.get_num_threads()
+    tiny = torch.full((1 << 17,), 1e-40)  # a float32 denormal; torch's multiply splits it over threads
+    try:
+        torch.set_num_threads(threads)
+        D = cost_matrix(8, 120, 60, dtype=torch.float32, seed=7).requires_grad_()
+        x, y = torch.full((8,), 120), torch.full((8,), 60)
+        for _ in range(3):  # the threads' later runs too
+            _, E = torch.ops.lyra.soft_dtw_alignment(D.detach(), x, y, 0.1, -1)
+            _, w = torch.ops.lyra.soft_dtw_forward(D.detach(), x, y, 0.1, -1, True)
+            dD = torch.ops.lyra.soft_dtw_backward(torch.ones(8), w, x, y, -1)
+            assert (tiny * 2 > tiny).all()  # with FTZ or DAZ left on: 0 > 0, or 0 > tiny
+        if platform.machine() in ("x86_64", "AMD64"):
+            _, E64 = torch.ops.lyra.soft_dtw_alignment(D.detach().double(), x, y, 0.1, -1)
+            for t in (E, dD, w, E64):  # zero or normal: nothing went through the slow range
+                normal = torch.finfo(t.dtype).tiny
+                assert ((t == 0) | (t.abs() >= normal)).all()
+            assert (E64 == 0).any()  # there were cells that small, flushed
+    finally:
+        torch.set_num_threads(before)
+
 @pytest.mark.parametrize("normalize", ["length_sum", "x_length", "none"])
 def test_lcmr_matches_per_sample_reference(device, normalize):
     g = torch.Generator().manual_seed(5)

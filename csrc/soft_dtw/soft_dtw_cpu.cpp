@@ -336,12 +336,14 @@ struct StripeRows {
 
 // Forward over one stripe. `above`: R[r0 - 1, c] for c = 0..S (the row above the stripe, which
 // the previous stripe fills as it goes, `above_done` its last finished diagonal); `below`:
-// this stripe's bottom row, filled as it goes, `done` published after each diagonal.
+// this stripe's bottom row, filled as it goes, `done` published after each diagonal (null when
+// nobody waits for this stripe).
 template <typename scalar_t, typename weight_t>
 void forward_stripe(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, double gamma,
                     int64_t bandwidth, const DiagLayout& layout, weight_t* W, int64_t plane,
                     const StripeRows& rows, const double* above, Progress* above_done,
-                    double* below, Progress& done, scalar_t* value) {
+                    double* below, Progress* done, scalar_t* value) {
+  const FlushDenormals flush;  // the soft-min weights of unlikely moves fall below 1e-38
   const int64_t off = rows.r0 - 1;  // local row 0 is the row above the stripe
   const int64_t n = rows.r1 - rows.r0 + 3 + kPad;
   std::vector<double> buf(3 * n, kInf), cost(n, 0.0);
@@ -381,22 +383,23 @@ void forward_stripe(const scalar_t* D, int64_t L, int64_t S, int64_t Smax, doubl
       set_sentinels(cur, whole, mine, kInf);
       if (mine.hi + off == rows.r1) below[k - rows.r1] = cur[mine.hi];
     }
-    done.publish(k);
+    if (done != nullptr) done->publish(k);
   }
   if (rows.r1 == L) *value = static_cast<scalar_t>(diags[(L + S) % 3][L - off]);
-  done.publish(std::numeric_limits<int64_t>::max());
+  if (done != nullptr) done->publish(std::numeric_limits<int64_t>::max());
 }
 
 // Backward over one stripe. `below_up` / `below_diag`: what the row below the stripe passes up
 // and diagonally, by column (the next stripe's top row, `below_done` its last finished
 // diagonal, descending; or, below the last row, the seed E[L, S] = 1); `top_up` / `top_diag`:
-// what this stripe's top row passes up, filled as it goes.
+// what this stripe's top row passes up, filled as it goes, `done` as in forward_stripe.
 template <typename scalar_t, typename weight_t>
 void backward_stripe(double g, const weight_t* W, int64_t plane, int64_t L, int64_t S,
                      int64_t Smax, int64_t bandwidth, const DiagLayout& layout,
                      const StripeRows& rows, const double* below_up, const double* below_diag,
-                     Progress* below_done, double* top_up, double* top_diag, Progress& done,
+                     Progress* below_done, double* top_up, double* top_diag, Progress* done,
                      scalar_t* dD) {
+  const FlushDenormals flush;  // E far from the optimal path falls below 1e-308
   const int64_t off = rows.r0 - 1;
   const int64_t n = rows.r1 - rows.r0 + 3 + kPad;  // local rows 0..r1 - off + 1, the slack
   std::vector<double> buf(8 * n, 0.0);
@@ -434,9 +437,9 @@ void backward_stripe(double g, const weight_t* W, int64_t plane, int64_t L, int6
         top_diag[k - rows.r0] = diag[k % 3][mine.lo];
       }
     }
-    done.publish(k);
+    if (done != nullptr) done->publish(k);
   }
-  done.publish(std::numeric_limits<int64_t>::min());
+  if (done != nullptr) done->publish(std::numeric_limits<int64_t>::min());
 }
 
 // Zeros what the backward recursion will not write in a stripe's rows of one sample's dD:
@@ -522,7 +525,8 @@ void forward_batch(const scalar_t* D, const int64_t* x_len, const int64_t* y_len
     const bool first = s == 0;
     forward_stripe(D + b * slab, L, S, Smax, gamma, bandwidth, layouts[b], W, slab, rows,
                    first ? row_of(stripes.size() + b) : row_of(item - 1),
-                   first ? nullptr : &done[item - 1], row_of(item), done[item], value + b);
+                   first ? nullptr : &done[item - 1], row_of(item),
+                   s + 1 < stripes.count(b) ? &done[item] : nullptr, value + b);
     if (W != nullptr && rows.r1 == L) {
       // The unused tail of each plane: zero, so the output is deterministic. The stripes
       // above have finished (this one ran diagonal L + S after them).
@@ -565,7 +569,7 @@ void backward_batch(const scalar_t* grad, const weight_t* weights, const int64_t
     backward_stripe(static_cast<double>(grad[b]), weights + b * slab * 3, slab, L, S, Smax,
                     bandwidth, layouts[b], rows, last ? up_of(n + b) : up_of(item + 1),
                     last ? diag_of(n + b) : diag_of(item + 1), last ? nullptr : &done[item + 1],
-                    up_of(item), diag_of(item), done[item], out);
+                    up_of(item), diag_of(item), s > 0 ? &done[item] : nullptr, out);
   });
 }
 
@@ -625,9 +629,8 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
     double* r0 = edge.data();
     std::fill(r0, r0 + S + 1, kInf);
     r0[0] = 0.0;  // R[0, 0]
-    Progress done(0);
     forward_stripe(D + b * slab, L, S, Smax, gamma, bandwidth, layout, W, plane, rows, r0,
-                   nullptr, edge.data() + (S + 2), done, value + b);
+                   nullptr, edge.data() + (S + 2), nullptr, value + b);
     // The seed below the last row: E[L, S] = 1, a diagonal pass from (L + 1, S + 1).
     double* below_up = edge.data() + 2 * (S + 2);
     double* below_diag = edge.data() + 3 * (S + 2);
@@ -635,9 +638,8 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
     scalar_t* out = E + b * slab;
     zero_outside(out, rows, L, S, Lmax, Smax, bandwidth);
     std::vector<double> top(2 * (S + 2), 0.0);  // nobody above reads it
-    Progress back(std::numeric_limits<int64_t>::max());
     backward_stripe(1.0, W, plane, L, S, Smax, bandwidth, layout, rows, below_up, below_diag,
-                    nullptr, top.data(), top.data() + (S + 2), back, out);
+                    nullptr, top.data(), top.data() + (S + 2), nullptr, out);
   });
 }
 
