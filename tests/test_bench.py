@@ -39,6 +39,20 @@ def test_bench_kernels_contention(tmp_path):
         assert all(float(impls[i]["median_ms"]) > 0 for i in impls if i.startswith("ours"))
 
 
+def test_side_by_side_timing_takes_turns():
+    """Compared steps are timed in rounds, one run of each per round, so a change in the
+    machine's load falls on all of them alike; each gets its own median."""
+    from lyra_pl.bench.kernels import measure_side_by_side
+
+    calls = []
+    steps = {"fast": lambda: calls.append("fast"),
+             "slow": lambda: (calls.append("slow"), time.sleep(0.01))}
+    m = measure_side_by_side(steps, torch.device("cpu"), repeats=5, warmup=1, budget_s=10)
+    assert calls[-10:] == ["fast", "slow"] * 5
+    assert m["fast"].repeats == m["slow"].repeats == 5
+    assert m["slow"].median_ms >= 10 > m["fast"].median_ms
+
+
 def test_bench_data_small(tmp_path):
     """A 36 s MP3 and 12 small samples with 1 and 2 workers: every sample converted, the
     same shards either way, a peak RSS read from the converter process."""

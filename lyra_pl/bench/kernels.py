@@ -82,6 +82,28 @@ def measure(step: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return Measurement(statistics.median(times), peak_mb, n, result)
 
 
+def measure_side_by_side(steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                         warmup: int, budget_s: float) -> dict[str, Measurement]:
+    """`measure` for steps compared with each other: timed in rounds of one run of each, so a
+    change in the machine's load (the host, a busy neighbour's scheduling) falls on all of
+    them alike, not on whichever happened to run then. Repeats follow the slowest step."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    probes, slowest = {}, 0.0
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        probes[name] = _peak_extra_mb(step, device)
+        slowest = max(slowest, time.perf_counter() - t0)
+    n = max(1, min(repeats, int(budget_s / max(slowest, 1e-9))))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(n):
+        for name, step in steps.items():
+            times[name].append(_time_once(step, device))
+    return {name: Measurement(statistics.median(times[name]), probes[name][0], n,
+                              probes[name][1]) for name in steps}
+
+
 def _time_once(step: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -151,36 +173,53 @@ def _impl(module: str, name: str) -> Callable | str:
 
 def _run_impls(device: torch.device, op: str, size: str, dtype: torch.dtype,
                impls: dict[str, Callable[[], Any] | str], error: Callable[[Any], float],
-               timing: dict[str, Any]) -> list[Row]:
-    """Time each impl's step (a string is the reason it is skipped); the first is ours."""
-    rows = []
+               timing: dict[str, Any], side_by_side: bool = False) -> list[Row]:
+    """Time each impl's step (a string is the reason it is skipped); the first is ours.
+    `side_by_side`: all of them in rounds (measure_side_by_side), else one after another."""
+    rows = {name: Row(device.type, op, size, _dtype_name(dtype), name) for name in impls}
+    steps = {name: step for name, step in impls.items() if callable(step)}
     for name, step in impls.items():
-        row = Row(device.type, op, size, _dtype_name(dtype), name)
-        rows.append(row)
         if isinstance(step, str):
-            row.note = step
-            continue
+            rows[name].note = step
+    groups = [steps] if side_by_side else [{name: step} for name, step in steps.items()]
+    for group in groups:
         try:
-            m = measure(step, device, **timing)
-            row.median_ms, row.peak_extra_mb, row.repeats = m.median_ms, m.peak_extra_mb, m.repeats
-            row.max_err = error(m.result)
+            if side_by_side:
+                measured = measure_side_by_side(group, device, **timing)
+            else:
+                ((name, step),) = group.items()
+                measured = {name: measure(step, device, **timing)}
+            for name, m in measured.items():
+                row = rows[name]
+                row.median_ms, row.peak_extra_mb, row.repeats = m.median_ms, m.peak_extra_mb, m.repeats
+                row.max_err = error(m.result)
         except torch.OutOfMemoryError:
-            row.note = "OOM"
+            for name in group:
+                rows[name].note = "OOM"
         except Exception as e:  # a broken impl must not lose the other rows; reported, not hidden
             traceback.print_exc()
-            row.note = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            for name in group:
+                rows[name].note = (f"failed: {type(e).__name__}: "
+                                   f"{str(e).splitlines()[0] if str(e) else ''}")
         finally:
-            m = None
+            measured = None
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        result = f"{row.median_ms:10.2f} ms" if row.median_ms is not None else row.note
-        print(f"  {row.device:4} {op:8} {size:22} {name:10} {result}", flush=True)
-    ours = rows[0].median_ms
+        for name in group:
+            row = rows[name]
+            result = f"{row.median_ms:10.2f} ms" if row.median_ms is not None else row.note
+            print(f"  {row.device:4} {op:8} {size:22} {name:10} {result}", flush=True)
+    out = list(rows.values())
+    _speedups(out, out[0])
+    return out
+
+
+def _speedups(rows: list[Row], ours: Row) -> None:
+    """Each row's median over ours': how many times ours is faster."""
     for row in rows:
-        if ours and row.median_ms:
-            row.ours_speedup = row.median_ms / ours
-    return rows
+        if ours.median_ms and row.median_ms:
+            row.ours_speedup = row.median_ms / ours.median_ms
 
 
 def _float64_truth(fns: dict[str, Callable | str], run: Callable[[Callable], Any]) -> Any:
@@ -267,16 +306,22 @@ def bench_soft_dtw(device: torch.device, size: tuple[int, int, int], ours_only: 
     steps = {n: (lambda fn=fn: _fwd_bwd(fn, D)) if callable(fn) else fn for n, fn in fns.items()}
     name = f"B={B} L={L} S={S}"
     if contention and device.type == "cpu" and callable(steps["ours"]):
+        # Ours with all threads against ours with one, quiet and beside a busy process, each
+        # pair side by side; the peers one after another as always.
         threads = torch.get_num_threads()
-        steps["ours 1 thread"] = _threads(1, steps["ours"])
-        rows = _run_impls(device, "softdtw", name, D.dtype, steps, error, timing)
+        one = _threads(1, steps["ours"])
+        quiet = _run_impls(device, "softdtw", name, D.dtype,
+                           {"ours": steps["ours"], "ours 1 thread": one}, error, timing,
+                           side_by_side=True)
+        others = _run_impls(device, "softdtw", name, D.dtype,
+                            {n: s for n, s in steps.items() if n != "ours"}, error, timing)
         with busy_process():
             busy = _run_impls(device, "softdtw", name, D.dtype,
                               {f"ours {threads} threads + busy": steps["ours"],
-                               "ours 1 thread + busy": steps["ours 1 thread"]}, error, timing)
-        for row in busy:  # against ours without the busy process, like every other row
-            row.ours_speedup = row.median_ms / rows[0].median_ms if row.median_ms else None
-        return rows + busy
+                               "ours 1 thread + busy": one}, error, timing, side_by_side=True)
+        rows = quiet + others + busy
+        _speedups(rows, quiet[0])  # all against ours without the busy process
+        return rows
     return _run_impls(device, "softdtw", name, D.dtype, steps, error, timing)
 
 
