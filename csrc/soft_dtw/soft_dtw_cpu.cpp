@@ -225,10 +225,16 @@ inline int64_t thread_cpu_ns() {
 // whether the threads paid. They are torch's own intra-op threads: after any torch op they
 // spin, hot, for a while, so a team starts at once, where threads of our own would have to
 // win their cores from those spinners (2x slower beside torch's ops on 2 cores). The judge:
-// the threads' CPU time in the items is what one thread on a free core would take; a call
-// whose wall time came near it gained nothing (another process holds the cores, so team
-// threads wait for them and the team's end waits for the last), and the next calls run alone,
-// 1, 3, 7, ... 63 of them, before threads are tried again.
+// the threads' CPU time in the items is what one thread on a free core would take, and a
+// call's wall time over it says what the threads gained (0.5 on two free cores). Beside
+// another busy process a team thread waits for its core, now and then for a whole time slice
+// (a 1 ms call took 6), so one call that happened to gain says little: the judge keeps a
+// running mean of the ratio (each call's capped at 2) and, while it is above 0.85, runs the
+// next calls alone, 3, 15, 63, then 255 of them, before it tries threads again. Recovering
+// from a bad call takes several good ones in a row (a single one reset the judge before:
+// beside one busy process, a quarter of the calls then waited for a slice). A try is dear:
+// after it torch's OpenMP workers spin for milliseconds on the cores they share with the
+// other process, and the next calls alone wait for them too.
 class Threads {
  public:
   static Threads& get() {
@@ -247,8 +253,12 @@ class Threads {
     return skip > 0 ? 1 : threads;
   }
 
+  // The threads a helper call (the gradient's scaling) gets: 1 while calls run alone. It
+  // neither spends a call of the run nor is judged: a probe of the threads is a recursion's.
+  int follow(int threads) const { return threads <= 1 || skip_.load() > 0 ? 1 : threads; }
+
   template <typename Fn>
-  void run(int64_t n, int threads, const Fn& item) {
+  void run(int64_t n, int threads, const Fn& item, bool judged = true) {
     if (threads <= 1 || n <= 1) {
       for (int64_t i = 0; i < n; ++i) item(i, 0);
       return;
@@ -264,10 +274,13 @@ class Threads {
         cpu_ns.fetch_add(thread_cpu_ns() - before);
       }
     }
+    if (!judged) return;
     const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - start;
+    const double ratio = wall.count() / std::max(1e-9 * static_cast<double>(cpu_ns.load()), 1e-9);
     std::lock_guard<std::mutex> lock(mutex_);
-    if (wall.count() > 0.85e-9 * static_cast<double>(cpu_ns.load())) {
-      backoff_ = std::min(2 * backoff_ + 1, 63);
+    mean_ratio_ = 0.5 * mean_ratio_ + 0.5 * std::min(ratio, 2.0);
+    if (mean_ratio_ > 0.85) {
+      backoff_ = std::min(4 * backoff_ + 3, 255);
       skip_.store(backoff_);
     } else {
       backoff_ = 0;
@@ -281,6 +294,7 @@ class Threads {
 
  private:
   std::mutex mutex_;
+  double mean_ratio_ = 0.5;  // running mean of team calls' wall time over their CPU time
   int backoff_ = 0;  // the last run of calls alone
   std::atomic<int> skip_{0};  // calls still to run alone
 };
@@ -646,12 +660,13 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
 template <typename scalar_t>
 void soft_dtw_scale_cpu(const scalar_t* grad, const scalar_t* E, int64_t B, int64_t slab,
                         scalar_t* out, int num_threads) {
-  run_items(B, plan_threads(num_threads), [&](int64_t b, int) {
+  Threads& pool = Threads::get();
+  pool.run(B, pool.follow(std::max(1, num_threads)), [&](int64_t b, int) {
     const scalar_t g = grad[b];
     const scalar_t* e = E + b * slab;
     scalar_t* o = out + b * slab;
     for (int64_t i = 0; i < slab; ++i) o[i] = g * e[i];
-  });
+  }, /*judged=*/false);
 }
 
 #define LYRA_INSTANTIATE(scalar_t, weight_t)                                               \
