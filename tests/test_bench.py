@@ -37,7 +37,8 @@ def test_bench_kernels_contention(tmp_path):
         assert {"ours", "ours 1 thread", f"ours {threads} threads + busy",
                 "ours 1 thread + busy"} <= set(impls)
         assert all(float(impls[i]["median_ms"]) > 0 for i in impls if i.startswith("ours"))
-        # Timed after settling beside the load; the settling calls are summed up in the note.
+        # Each state timed after settling in it; the settling calls are summed up in a note.
+        assert impls["ours"]["note"].startswith("timed after ")
         assert impls[f"ours {threads} threads + busy"]["note"].startswith("timed after ")
 
 

@@ -229,12 +229,13 @@ inline int64_t thread_cpu_ns() {
 // call's wall time over it says what the threads gained (0.5 on two free cores). Beside
 // another busy process a team thread waits for its core, now and then for a whole time slice
 // (a 1 ms call took 6), so one call that happened to gain says little: the judge keeps a
-// running mean of the ratio (each call's capped at 2) and, while it is above 0.85, runs the
-// next calls alone, 3, 15, 63, then 255 of them, before it tries threads again. Recovering
-// from a bad call takes several good ones in a row (a single one reset the judge before:
-// beside one busy process, a quarter of the calls then waited for a slice). A try is dear:
-// after it torch's OpenMP workers spin for milliseconds on the cores they share with the
-// other process, and the next calls alone wait for them too.
+// running mean of the ratio (each call's capped at 2) and, while it is above 0.85, calls run
+// alone for a while before threads are tried again: 16 ms after the first bad try, 4x longer
+// after each further one, up to 1 s, and 4x shorter after a good one, so that a machine
+// that has come free is back on its threads within about 1.3 s. A try beside the load is
+// dear (after it torch's OpenMP workers spin for milliseconds on the cores they share with
+// the other process, and the next calls alone wait for them too), so it is rare; the wait is
+// measured in time, not calls, as load comes and goes in time, whatever the calls' sizes.
 class Threads {
  public:
   static Threads& get() {
@@ -245,18 +246,14 @@ class Threads {
   // The threads a call that asked for `threads` gets: 1 while calls run alone. Asked before the
   // call cuts its work, so that a call run alone is cut like a one-thread call (whole samples,
   // no stripes to trade rows between).
-  int plan(int threads) {
-    if (threads <= 1) return 1;
-    int skip = skip_.load();
-    while (skip > 0 && !skip_.compare_exchange_weak(skip, skip - 1)) {
-    }
-    return skip > 0 ? 1 : threads;
+  int plan(int threads) const {
+    return threads <= 1 || now_ns() < alone_until_ns_.load(std::memory_order_relaxed) ? 1
+                                                                                      : threads;
   }
 
-  // The threads a helper call (the gradient's scaling) gets: 1 while calls run alone. It
-  // neither spends a call of the run nor is judged: a probe of the threads is a recursion's.
-  int follow(int threads) const { return threads <= 1 || skip_.load() > 0 ? 1 : threads; }
-
+  // item(i, slot) for i = 0..n-1 on up to `threads` threads; a call on several is judged
+  // unless `judged` is false (a helper call, the gradient's scaling: tries are the
+  // recursions').
   template <typename Fn>
   void run(int64_t n, int threads, const Fn& item, bool judged = true) {
     if (threads <= 1 || n <= 1) {
@@ -264,7 +261,7 @@ class Threads {
       return;
     }
     std::atomic<int64_t> next{0}, cpu_ns{0};
-    const auto start = std::chrono::steady_clock::now();
+    const int64_t start = now_ns();
 #pragma omp parallel num_threads(team(n, threads))
     {
       const int slot = omp_get_thread_num();
@@ -274,17 +271,7 @@ class Threads {
         cpu_ns.fetch_add(thread_cpu_ns() - before);
       }
     }
-    if (!judged) return;
-    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - start;
-    const double ratio = wall.count() / std::max(1e-9 * static_cast<double>(cpu_ns.load()), 1e-9);
-    std::lock_guard<std::mutex> lock(mutex_);
-    mean_ratio_ = 0.5 * mean_ratio_ + 0.5 * std::min(ratio, 2.0);
-    if (mean_ratio_ > 0.85) {
-      backoff_ = std::min(4 * backoff_ + 3, 255);
-      skip_.store(backoff_);
-    } else {
-      backoff_ = 0;
-    }
+    if (judged) judge(start, now_ns(), cpu_ns.load());
   }
 
   // How many threads run(n, threads, ...) starts: item's `slot` is below it.
@@ -293,10 +280,33 @@ class Threads {
   }
 
  private:
+  static constexpr double kPays = 0.85;  // wall over CPU time below which threads paid
+  static constexpr int64_t kFirstNs = 16'000'000, kLongestNs = 1'000'000'000;
+
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(
+               std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+
+  void judge(int64_t start, int64_t end, int64_t cpu_ns) {
+    const double ratio = static_cast<double>(end - start) /
+                         static_cast<double>(std::max<int64_t>(cpu_ns, 1));
+    std::lock_guard<std::mutex> lock(mutex_);
+    mean_ratio_ = 0.5 * mean_ratio_ + 0.5 * std::min(ratio, 2.0);
+    if (mean_ratio_ <= kPays) {
+      alone_ns_ = 0;
+      alone_until_ns_.store(0, std::memory_order_relaxed);
+      return;
+    }
+    alone_ns_ = ratio <= kPays ? std::max(kFirstNs, alone_ns_ / 4)
+                               : std::min(kLongestNs, alone_ns_ == 0 ? kFirstNs : 4 * alone_ns_);
+    alone_until_ns_.store(end + alone_ns_, std::memory_order_relaxed);
+  }
+
   std::mutex mutex_;
   double mean_ratio_ = 0.5;  // running mean of team calls' wall time over their CPU time
-  int backoff_ = 0;  // the last run of calls alone
-  std::atomic<int> skip_{0};  // calls still to run alone
+  int64_t alone_ns_ = 0;  // how long calls last ran alone
+  std::atomic<int64_t> alone_until_ns_{0};  // calls run alone until then
 };
 
 // The threads a call may use (Threads::plan); then item(i, slot) for i = 0..n-1 on up to that
@@ -660,8 +670,7 @@ void soft_dtw_alignment_cpu(const scalar_t* D, const int64_t* x_len, const int64
 template <typename scalar_t>
 void soft_dtw_scale_cpu(const scalar_t* grad, const scalar_t* E, int64_t B, int64_t slab,
                         scalar_t* out, int num_threads) {
-  Threads& pool = Threads::get();
-  pool.run(B, pool.follow(std::max(1, num_threads)), [&](int64_t b, int) {
+  Threads::get().run(B, plan_threads(num_threads), [&](int64_t b, int) {
     const scalar_t g = grad[b];
     const scalar_t* e = E + b * slab;
     scalar_t* o = out + b * slab;

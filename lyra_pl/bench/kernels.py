@@ -31,7 +31,7 @@ GAMMA = 0.1  # official LCMR gamma
 KEEP_RATIO, MIN_KEEP = 0.7, 32  # LMME(4, 0.7)
 HQ, HKV, DH = 28, 4, 128  # Qwen2-VL-7B attention (Lyra-Base)
 SYSTEM_TOKENS, INSTRUCTION_TOKENS = 16, 256
-SETTLE_S = 1.0  # --contention: seconds of ours beside the busy process before timing it
+SETTLE_S = 1.5  # --contention: seconds of ours in each state (quiet, busy) before timing it
 CPU_MAX_N = 2**14  # the naive path needs Hq * T * N * 4 bytes per materialized tensor
 
 # (B, L, S): speech tokens (10/s) x transcript tokens of the LCMR cost matrix.
@@ -309,32 +309,44 @@ def bench_soft_dtw(device: torch.device, size: tuple[int, int, int], ours_only: 
     if contention and device.type == "cpu" and callable(steps["ours"]):
         # Ours with all threads against ours with one, quiet and beside a busy process, each
         # pair side by side; the peers one after another as always.
+        # Load in training comes and lasts (DataLoader workers): each state is timed after
+        # SETTLE_S of ours in it, what ours settles into (its first calls beside the load try
+        # threads and back off; after the load, it tries them again), and the row's note sums
+        # up those settling calls.
         threads = torch.get_num_threads()
         one = _threads(1, steps["ours"])
+        settling = _settle(steps["ours"], device)
         quiet = _run_impls(device, "softdtw", name, D.dtype,
                            {"ours": steps["ours"], "ours 1 thread": one}, error, timing,
                            side_by_side=True)
+        _note_settling(quiet[0], settling, "quiet")
         others = _run_impls(device, "softdtw", name, D.dtype,
                             {n: s for n, s in steps.items() if n != "ours"}, error, timing)
         with busy_process():
-            # Load in training lasts (DataLoader workers): time the state ours settles into.
-            # Its first calls beside the load try threads and back off, each try costing about
-            # three slow calls; the side-by-side rounds time what comes after.
-            settling, deadline = [], time.perf_counter() + SETTLE_S
-            while time.perf_counter() < deadline:
-                settling.append(_time_once(steps["ours"], device))
+            settling = _settle(steps["ours"], device)
             busy = _run_impls(device, "softdtw", name, D.dtype,
                               {f"ours {threads} threads + busy": steps["ours"],
                                "ours 1 thread + busy": one}, error, timing, side_by_side=True)
-        if busy[0].median_ms:
-            slow = sum(t > 2 * busy[0].median_ms for t in settling)
-            busy[0].note = (f"timed after {len(settling)} calls in {SETTLE_S:g} s beside the "
-                            f"load: mean {statistics.fmean(settling):.2f} ms, {slow} over 2x "
-                            f"the median")
+        _note_settling(busy[0], settling, "beside the load")
         rows = quiet + others + busy
         _speedups(rows, quiet[0])  # all against ours without the busy process
         return rows
     return _run_impls(device, "softdtw", name, D.dtype, steps, error, timing)
+
+
+def _settle(step: Callable[[], Any], device: torch.device) -> list[float]:
+    """Runs `step` for SETTLE_S seconds; each run's time in ms."""
+    times, deadline = [], time.perf_counter() + SETTLE_S
+    while time.perf_counter() < deadline:
+        times.append(_time_once(step, device))
+    return times
+
+
+def _note_settling(row: Row, times: list[float], state: str) -> None:
+    if row.median_ms:
+        slow = sum(t > 2 * row.median_ms for t in times)
+        row.note = (f"timed after {len(times)} calls in {SETTLE_S:g} s {state}: mean "
+                    f"{statistics.fmean(times):.2f} ms, {slow} over 2x the median")
 
 
 def prune_inputs(N: int, device: torch.device, dtype: torch.dtype):
