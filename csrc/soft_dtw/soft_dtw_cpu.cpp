@@ -231,8 +231,8 @@ inline int64_t thread_cpu_ns() {
 // (a 1 ms call took 6), so one call that happened to gain says little: the judge keeps a
 // running mean of the ratio (each call's capped at 2) and, while it is above 0.85, calls run
 // alone for a while before threads are tried again: 16 ms after the first bad try, 4x longer
-// after each further one, up to 1 s, and 4x shorter after a good one, so that a machine
-// that has come free is back on its threads within about 1.3 s. A try beside the load is
+// after each further one, up to 2 s, and 4x shorter after a good one, so that a machine
+// that has come free is back on its threads within about 2.7 s. A try beside the load is
 // dear (after it torch's OpenMP workers spin for milliseconds on the cores they share with
 // the other process, and the next calls alone wait for them too), so it is rare; the wait is
 // measured in time, not calls, as load comes and goes in time, whatever the calls' sizes.
@@ -281,7 +281,7 @@ class Threads {
 
  private:
   static constexpr double kPays = 0.85;  // wall over CPU time below which threads paid
-  static constexpr int64_t kFirstNs = 16'000'000, kLongestNs = 1'000'000'000;
+  static constexpr int64_t kFirstNs = 16'000'000, kLongestNs = 2'000'000'000;
 
   static int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(
