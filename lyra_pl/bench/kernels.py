@@ -470,8 +470,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds of timed runs per implementation and size: slower ones get "
                              "fewer repeats, at least 1, shown in the repeats column (default: 30)")
     parser.add_argument("--contention", action="store_true",
-                        help="CPU soft-DTW: also ours with one thread, and both beside a busy "
-                             "process (the load DataLoader workers put beside training)")
+                        help="CPU soft-DTW: also ours with one thread, timed side by side with "
+                             "ours, quiet and again beside a busy process (the load DataLoader "
+                             f"workers put beside training), each after {SETTLE_S:g} s in it")
     parser.add_argument("--only", choices=["softdtw", "prune"], default=None,
                         help="run one op only (default: both)")
     parser.add_argument("--max-n", type=int, default=CPU_MAX_N,
