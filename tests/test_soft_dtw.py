@@ -392,7 +392,6 @@ def test_alignment_is_a_probability_of_passing_through_each_cell():
     assert (E[0][on_path] > 0.999).all() and (E[0][~on_path] < 1e-3).all()
 
 
-
 @pytest.mark.parametrize("threads", [1, 2])
 def test_denormals_are_flushed_inside_and_kept_outside(threads):
     """The CPU recursions flush denormals while they run (x86 runs every operation on one in

@@ -517,10 +517,6 @@ class Scratch {
   weight_t* data_ = nullptr;
 };
 
-}  // namespace
-
-namespace {
-
 // The batch's forward and backward on `threads` threads, already planned (plan_threads): the
 // public calls plan once, and soft_dtw_alignment_cpu, which runs both, plans once for the two.
 template <typename scalar_t, typename weight_t>

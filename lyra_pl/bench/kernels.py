@@ -75,14 +75,7 @@ def measure(step: Callable[[], Any], device: torch.device, repeats: int, warmup:
     """Median wall time of `step()` over `repeats` runs after `warmup` runs, plus the peak extra
     memory of one more run (kept apart so the memory probe never disturbs the timings).
     When that run shows `repeats` runs would exceed `budget_s`, fewer (at least one) are timed."""
-    for _ in range(warmup):
-        step()
-    t0 = time.perf_counter()
-    peak_mb, result = _peak_extra_mb(step, device)
-    one_s = time.perf_counter() - t0
-    n = max(1, min(repeats, int(budget_s / max(one_s, 1e-9))))
-    times = [_time_once(step, device) for _ in range(n)]
-    return Measurement(statistics.median(times), peak_mb, n, result)
+    return measure_side_by_side({"step": step}, device, repeats, warmup, budget_s)["step"]
 
 
 def measure_side_by_side(steps: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
@@ -187,11 +180,7 @@ def _run_impls(device: torch.device, op: str, size: str, dtype: torch.dtype,
     groups = [steps] if side_by_side else [{name: step} for name, step in steps.items()]
     for group in groups:
         try:
-            if side_by_side:
-                measured = measure_side_by_side(group, device, **timing)
-            else:
-                ((name, step),) = group.items()
-                measured = {name: measure(step, device, **timing)}
+            measured = measure_side_by_side(group, device, **timing)
             for name, m in measured.items():
                 row = rows[name]
                 row.median_ms, row.peak_extra_mb, row.repeats = m.median_ms, m.peak_extra_mb, m.repeats
@@ -310,11 +299,10 @@ def bench_soft_dtw(device: torch.device, size: tuple[int, int, int], ours_only: 
     name = f"B={B} L={L} S={S}"
     if contention and device.type == "cpu" and callable(steps["ours"]):
         # Ours with all threads against ours with one, quiet and beside a busy process, each
-        # pair side by side; the peers one after another as always.
-        # Load in training comes and lasts (DataLoader workers): each state is timed after
-        # SETTLE_S of ours in it, what ours settles into (its first calls beside the load try
-        # threads and back off; after the load, it tries them again), and the row's note sums
-        # up those settling calls.
+        # pair side by side; the peers one after another as always. Load in training comes and
+        # lasts (DataLoader workers): each state is timed after SETTLE_S of ours in it, what
+        # ours settles into (its first calls beside the load try threads and back off; after
+        # the load, it tries them again), and the row's note sums up those settling calls.
         threads = torch.get_num_threads()
         one = _threads(1, steps["ours"])
         settling = _settle(steps["ours"], device)
